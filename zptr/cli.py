@@ -34,27 +34,30 @@ def _load(module_name: str):
         raise
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's module is imported (keeps startup fast and one
+    broken subcommand from taking the others down)."""
     parser = argparse.ArgumentParser(prog="zptr", description="Soul-injected language models on llama.cpp")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name != command:
+            continue
         module = _load(module_name)
-        if module is None:
-            sub_parser.add_argument("rest", nargs=argparse.REMAINDER)
-            sub_parser.set_defaults(_module=None)
-        else:
+        if module is not None:
             module.add_arguments(sub_parser)
-            sub_parser.set_defaults(_module=module)
+        sub_parser.set_defaults(_module=module)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args._module is None:
-        print(f"zptr {args.command}: not built yet", file=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command in SUBCOMMANDS and _load(SUBCOMMANDS[command][0]) is None:
+        print(f"zptr {command}: not built yet", file=sys.stderr)
         return 2
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args._module.main(args) or 0)
     except (ZptrError, FileExistsError) as err:

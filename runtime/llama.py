@@ -1,0 +1,173 @@
+"""A thin layer over llama-cpp-python: open a GGUF safely, and read h_t and logits of one decode.
+
+Facts this module relies on (checked against llama-cpp-python 0.3.36 / its llama.cpp):
+
+* With ``embeddings=True`` and pooling type NONE (``LLAMA_POOLING_TYPE_NONE`` = 0) the per-token
+  embedding is the output of the model's final norm - the h_t of SPEC §2 - and the logits of the
+  same tokens come out of the same ``llama_decode``. llama.cpp then marks every token of a batch
+  as an output ("embeddings required but some input tokens were not marked as outputs ->
+  overriding"), so h_t exists for every prompt token, which the Omega recurrences need.
+* On CPUs that advertise AMX, llama.cpp's AMX "extra buffer type" for quantized weights crashes
+  (SIGSEGV in ``ggml_backend_amx_mul_mat``) on multi-token batches where the VM does not grant AMX
+  tile state. :func:`open_llama` therefore loads models with ``use_extra_bufts = False`` unless
+  ``ZPTR_LLAMA_EXTRA_BUFTS=1``; ``llama_cpp.Llama`` offers no argument for it, so the default
+  model parameters are patched for the duration of the load only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import llama_cpp
+import numpy as np
+
+from zptr.errors import ZptrError
+
+POOLING_NONE = 0  # llama_cpp.LLAMA_POOLING_TYPE_NONE
+KV_F32 = 0  # GGML_TYPE_F32 for type_k / type_v: parity runs use an f32 KV cache (SPEC §7)
+_PATCH_LOCK = threading.Lock()
+
+
+class ModelLoadError(ZptrError, RuntimeError):
+    """llama.cpp could not open a model file."""
+
+
+def extra_buffers_enabled() -> bool:
+    return os.environ.get("ZPTR_LLAMA_EXTRA_BUFTS", "0") == "1"
+
+
+@contextlib.contextmanager
+def _model_defaults(**overrides: Any) -> Iterator[None]:
+    """Override fields of ``llama_model_default_params()`` while a Llama loads."""
+    import llama_cpp.llama as llama_module
+
+    lib = llama_module.llama_cpp
+    original = lib.llama_model_default_params
+
+    def patched():
+        params = original()
+        for key, value in overrides.items():
+            setattr(params, key, value)
+        return params
+
+    with _PATCH_LOCK:
+        lib.llama_model_default_params = patched
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = original
+
+
+def check_gguf_file(model_path: Path) -> Path:
+    """A clear error for a missing, non-GGUF or truncated model before llama.cpp sees it."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelLoadError(f"{model_path}: model file not found")
+    with open(model_path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ModelLoadError(f"{model_path}: not a GGUF file (bad magic)")
+    return model_path
+
+
+def open_llama(model_path: Path, llama_class: Optional[type] = None, **kwargs: Any):
+    """A ``llama_cpp.Llama`` (or subclass) on ``model_path`` with the AMX workaround applied."""
+    model_path = check_gguf_file(model_path)
+    cls = llama_class or llama_cpp.Llama
+    kwargs.setdefault("verbose", False)
+    overrides = {} if extra_buffers_enabled() else {"use_extra_bufts": False}
+    try:
+        with _model_defaults(**overrides):
+            return cls(str(model_path), **kwargs)
+    except ValueError as err:  # llama-cpp-python reports a failed load as ValueError
+        raise ModelLoadError(f"{model_path}: llama.cpp could not load the model ({err})") from err
+
+
+HiddenListener = Callable[[int, np.ndarray], None]
+
+
+class HiddenLlama(llama_cpp.Llama):
+    """``llama_cpp.Llama`` that hands h_t of every decoded token to a listener.
+
+    Open it through :func:`open_llama` with ``embedding=True, pooling_type=POOLING_NONE``.
+    ``eval`` is the stock one plus: after each ``llama_decode`` the batch's embeddings (one row
+    per token, every token being an output in embeddings mode) go to ``hidden_listener(start,
+    rows)`` where ``start`` is the position of the first row. Everything else - sampling, the
+    prefix cache, streaming, chat formats - is llama-cpp-python's own.
+    """
+
+    hidden_listener: Optional[HiddenListener] = None
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+        n_embd = self.n_embd()
+        for i in range(0, len(tokens), self.n_batch):
+            batch = tokens[i : min(len(tokens), i + self.n_batch)]
+            n_past, n_tokens = self.n_tokens, len(batch)
+            self._batch.set_batch(batch=batch, n_past=n_past, logits_all=True)
+            self._ctx.decode(self._batch)
+            self.input_ids[n_past : n_past + n_tokens] = batch
+            if self._logits_all:
+                logits = np.ctypeslib.as_array(self._ctx.get_logits(),
+                                               shape=(n_tokens * self._n_vocab,))
+                self.scores[n_past : n_past + n_tokens, :].reshape(-1)[::] = logits
+            if self.hidden_listener is not None:
+                pointer = llama_cpp.llama_get_embeddings(self._ctx.ctx)
+                if not pointer:
+                    raise ModelLoadError("llama.cpp returned no embeddings: open the model with "
+                                         "embedding=True and pooling_type=0 (NONE)")
+                rows = np.ctypeslib.as_array(pointer, shape=(n_tokens * n_embd,))
+                self.hidden_listener(n_past, rows.reshape(n_tokens, n_embd).copy())
+            self.n_tokens += n_tokens
+            self._requires_eval = False
+
+    def logits_row(self, index: int = -1) -> np.ndarray:
+        """A copy of the logits of output ``index`` of the last decode (-1: the last token)."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
+
+    def decode_all(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(h, logits) for every token of ``tokens`` decoded from an empty context.
+
+        Used for teacher-forced parity and the origin signature; leaves the context empty.
+        """
+        hidden = np.empty((len(tokens), self.n_embd()), np.float32)
+        logits = np.empty((len(tokens), self._n_vocab), np.float32)
+        listener = self.hidden_listener
+
+        def collect(start: int, rows: np.ndarray) -> None:
+            hidden[start : start + len(rows)] = rows
+            pointer = llama_cpp.llama_get_logits(self._ctx.ctx)
+            logits[start : start + len(rows)] = np.ctypeslib.as_array(
+                pointer, shape=(len(rows), self._n_vocab))
+
+        self.reset()
+        self.hidden_listener = collect
+        try:
+            self.eval(list(tokens))
+        finally:
+            self.hidden_listener = listener
+            self.reset()
+        return hidden, logits
+
+
+def output_matrix(model_path: Path) -> np.ndarray:
+    """W': the GGUF's ``output.weight`` (``token_embd.weight`` when tied), dequantised to f32.
+
+    Returned as (n_vocab, n_embd), the row of token v being W'_v.
+    """
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(model_path))
+    tensors = {t.name: t for t in reader.tensors}
+    tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if tensor is None:
+        raise ModelLoadError(f"{model_path}: neither output.weight nor token_embd.weight found")
+    matrix = dequantize(tensor.data, tensor.tensor_type)
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    return np.ascontiguousarray(matrix.reshape(shape), dtype=np.float32)
+

@@ -1,0 +1,690 @@
+"""``zptr bench``: tokens/s and fidelity of the PyTorch path against the llama.cpp path.
+
+In the spirit of llama-bench: prefill (``-p N`` prompt tokens in one batch) and decode (``-n N``
+tokens one at a time with the KV cache, greedy) with ``-r`` repetitions after one warm-up, median
+and standard deviation of tokens/s. Every path (backend + weight type) runs in its own
+subprocess, so its peak RSS is its own. Quality columns compare each path's logits on a fixed
+text with the PyTorch float32 ZPTR head in the same Omega mode (mean KL(reference || path),
+top-1 agreement). The roofline column divides the machine's measured memory bandwidth by the
+weight bytes a decoded token reads: decode is memory-bound, so that is the ceiling.
+
+Outputs: a markdown table on stdout, and ``bench.json``, ``bench.csv``, ``bench.md`` and
+``bench.png`` in ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from zptr.errors import ZptrError
+
+OMEGA_MODES = ("off", "fast", "exact")
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
+DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "mixed_text.txt"
+# Used when the repository's fixed text is not around (an installed package without tests/).
+FALLBACK_TEXT = (
+    "The quick brown fox jumps over the lazy dog. 日本語の文章も少し混ぜておきます。"
+    "def add(a, b):\n    return a + b\n"
+    "Memory bandwidth bounds decoding: every token reads every weight once. 東京は晴れです。"
+)
+
+
+class BenchError(ZptrError):
+    """A benchmark cannot run as asked (unknown path, missing model, failed worker)."""
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    backend: str  # "torch" or "llama"
+    kind: str  # torch dtype name, or GGUF outtype
+    omega_modes: tuple  # the Omega modes this backend implements
+    needs_cuda: bool = False
+
+
+# The PyTorch head computes the full-vocabulary product: its Omega-on mode is "exact".
+PATHS: dict[str, PathSpec] = {
+    "torch-f32": PathSpec("torch", "float32", ("off", "exact")),
+    "torch-bf16": PathSpec("torch", "bfloat16", ("off", "exact")),
+    "torch-nf4": PathSpec("torch", "nf4", ("off", "exact"), needs_cuda=True),
+    "llama-f16": PathSpec("llama", "f16", OMEGA_MODES),
+    "llama-q8_0": PathSpec("llama", "q8_0", OMEGA_MODES),
+    "llama-q4_k_m": PathSpec("llama", "q4_k_m", OMEGA_MODES),
+}
+REFERENCE_PATH = "torch-f32"
+
+
+@dataclass
+class Row:
+    path: str
+    omega: str
+    prefill_tps: float
+    prefill_std: float
+    decode_tps: float
+    decode_std: float
+    peak_rss_mb: float
+    bytes_per_token: int
+    roofline_tps: float = math.nan
+    roofline_share: float = math.nan
+    mean_kl: float = math.nan
+    top1: float = math.nan
+
+
+@dataclass
+class BenchConfig:
+    checkpoint: Path
+    output_dir: Path
+    paths: Sequence[str]
+    omega: Sequence[str]
+    n_prompt: int = 128
+    n_gen: int = 64
+    repetitions: int = 3
+    threads: int = 0  # 0: all cores
+    text_file: Optional[Path] = None
+    ggufs: dict = field(default_factory=dict)  # outtype -> (model path, sidecar path or None)
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def measure_bandwidth(threads: int, size_mb: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth in GB/s: best of ``repeats`` threaded copies of a ``size_mb`` buffer.
+
+    A copy reads and writes every byte, so bytes moved = 2 x size. numpy releases the GIL while
+    copying, so ``threads`` slices run in parallel like a multi-threaded decode does.
+    """
+    src = np.ones(size_mb * (1 << 20) // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    slices = [slice(i * len(src) // threads, (i + 1) * len(src) // threads) for i in range(threads)]
+    best = math.inf
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats + 1):  # the first copy faults the pages in
+            start = time.perf_counter()
+            list(pool.map(lambda s: np.copyto(dst[s], src[s]), slices))
+            best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+
+
+def gguf_decode_bytes(path: Path) -> int:
+    """Weight bytes one decoded token reads from a GGUF: all tensors but the input embedding
+    table (one row of it is read), unless the model has no ``output.weight`` (tied)."""
+    from gguf import GGUFReader
+
+    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    if "output.weight" in sizes:
+        sizes.pop("token_embd.weight", None)
+    return sum(sizes.values())
+
+
+def torch_decode_bytes(model) -> int:
+    """Weight bytes one decoded token reads in PyTorch: every parameter and buffer once (shared
+    storage counted once), without the input embedding table unless it is also the lm_head."""
+    lm = model.lm
+    embed = lm.get_input_embeddings().weight
+    head = lm.get_output_embeddings().weight
+    skip = {embed.data_ptr()} if embed.data_ptr() != head.data_ptr() else set()
+    seen: dict[int, int] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        ptr = tensor.data_ptr()
+        if ptr not in skip:
+            seen[ptr] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB. VmHWM belongs to this program alone;
+    ru_maxrss would also count the parent's pages at fork time (Linux keeps it across exec)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.median(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def quality(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """(mean KL(reference || path), top-1 agreement) over positions, in float64."""
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ref, got = log_softmax(reference), log_softmax(logits)
+    kl = (np.exp(ref) * (ref - got)).sum(-1)
+    top1 = (reference.argmax(-1) == logits.argmax(-1)).mean()
+    return float(kl.mean()), float(top1)
+
+
+def timed(fn: Callable[[], int], repetitions: int) -> list[float]:
+    """tokens/s of ``fn`` (which returns the token count) over repetitions, after one warm-up."""
+    fn()
+    rates = []
+    for _ in range(repetitions):
+        start = time.perf_counter()
+        tokens = fn()
+        rates.append(tokens / (time.perf_counter() - start))
+    return rates
+
+
+# ------------------------------------------------------------------------------ the PyTorch path
+
+
+def load_torch_path(checkpoint: Path, kind: str, threads: int):
+    """The ZPTR model of a checkpoint in PyTorch: LoRA merged (kept unmerged on 4-bit), head on."""
+    import torch
+
+    from zptr.checkpoint import load_checkpoint, load_head_tensors
+    from zptr.model import ZptrModel
+    from zptr.models import load_base_model
+
+    torch.set_num_threads(threads)
+    ckpt = load_checkpoint(checkpoint)
+    dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
+    nf4 = kind == "nf4"
+    lm = load_base_model(ckpt.base_model, dtype=dtype, load_in_4bit=nf4,
+                         device_map="cuda" if nf4 else None)
+    if ckpt.adapter_dir is not None:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(ckpt.adapter_dir))
+        if not nf4:
+            lm = lm.merge_and_unload()
+    model = ZptrModel(lm, ckpt.config)
+    load_head_tensors(model.head, ckpt.tensors)
+    return model.eval() if nf4 else model.to(dtype).eval()
+
+
+@contextlib.contextmanager
+def torch_omega(model, mode: str) -> Iterator[None]:
+    """Omega off: the head without its router (soul only)."""
+    saved = model.head.omega
+    if mode == "off":
+        model.head.omega = None
+    try:
+        yield
+    finally:
+        model.head.omega = saved
+
+
+def run_torch(spec: dict) -> dict:
+    import torch
+
+    model = load_torch_path(Path(spec["checkpoint"]), spec["kind"], spec["threads"])
+    device = next(model.parameters()).device
+    prompt = torch.tensor([spec["prompt"]], device=device)
+    start = torch.tensor([spec["prompt"][:1]], device=device)
+    n_gen = spec["n_gen"]
+
+    def prefill() -> int:
+        model.generate(prompt, max_new_tokens=1, do_sample=False)
+        return prompt.shape[1]
+
+    def decode() -> int:
+        model.generate(start, max_new_tokens=n_gen, min_new_tokens=n_gen, do_sample=False)
+        return n_gen
+
+    out: dict[str, Any] = {"modes": {}, "bytes_per_token": torch_decode_bytes(model)}
+    with torch.inference_mode():
+        for mode in spec["modes"]:
+            with torch_omega(model, mode):
+                timing = {"prefill": timed(prefill, spec["repetitions"]),
+                          "decode": timed(decode, spec["repetitions"])} if spec["timing"] else {}
+            out["modes"][mode] = timing
+        out["peak_rss_mb"] = peak_rss_mb()
+        text = torch.tensor([spec["text"]], device=device)
+        for mode in spec["modes"]:
+            with torch_omega(model, mode):
+                logits = model(text).logits[0].float().cpu().numpy()
+            np.save(Path(spec["workdir"]) / f"{spec['name']}.{mode}.npy", logits)
+    return out
+
+
+# ------------------------------------------------------------------------------ the llama.cpp path
+
+
+@contextlib.contextmanager
+def _no_extra_buffer_types() -> Iterator[None]:
+    """Load models without llama.cpp's extra CPU buffer types (weight repacking, AMX).
+
+    On CPUs with AMX under some hypervisors, multi-token batches on quantized weights crash in
+    the AMX kernels (segfault); repacking off keeps the standard kernels. llama-cpp-python does
+    not expose the ``use_extra_bufts`` model parameter, so its defaults are patched while loading.
+    """
+    import llama_cpp
+
+    module = llama_cpp.llama_cpp
+    original = module.llama_model_default_params
+
+    def defaults():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = defaults
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original
+
+
+def _llama(model_path: str, spec: dict, n_batch: int, **kwargs):
+    import llama_cpp
+
+    n_ctx = max(len(spec["prompt"]), spec["n_gen"] + 1, len(spec["text"])) + 16
+    with _no_extra_buffer_types():
+        return llama_cpp.Llama(model_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                               n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                               verbose=False, **kwargs)
+
+
+def _bare_decoder(spec: dict) -> tuple[Callable[[list], None], Callable[[], int], Callable]:
+    """(eval tokens, greedy next token, reset) on plain llama_cpp.Llama: the Omega-off path."""
+    import llama_cpp
+
+    llm = _llama(spec["gguf"], spec, max(512, len(spec["prompt"])))
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        return int(logits.argmax())
+
+    return llm.eval, greedy, llm.reset
+
+
+def _bare_scores(spec: dict) -> np.ndarray:
+    llm = _llama(spec["gguf"], spec, max(512, len(spec["text"])), logits_all=True)
+    llm.eval(spec["text"])
+    return np.array(llm.scores[: len(spec["text"])])
+
+
+DECODERS: dict[str, Callable] = {"off": _bare_decoder}
+SCORERS: dict[str, Callable] = {"off": _bare_scores}
+
+
+def run_llama(spec: dict) -> dict:
+    prompt, n_gen = spec["prompt"], spec["n_gen"]
+    out: dict[str, Any] = {"modes": {}, "bytes_per_token": gguf_decode_bytes(Path(spec["gguf"]))}
+    for mode in spec["modes"]:
+        evaluate, greedy, reset = DECODERS[mode](spec)
+
+        def prefill() -> int:
+            reset()
+            evaluate(prompt)
+            return len(prompt)
+
+        def decode() -> int:
+            reset()
+            token = prompt[0]
+            for _ in range(n_gen):
+                evaluate([token])
+                token = greedy()
+            return n_gen
+
+        out["modes"][mode] = {"prefill": timed(prefill, spec["repetitions"]),
+                              "decode": timed(decode, spec["repetitions"])}
+    out["peak_rss_mb"] = peak_rss_mb()
+    for mode in spec["modes"]:
+        np.save(Path(spec["workdir"]) / f"{spec['name']}.{mode}.npy", SCORERS[mode](spec))
+    return out
+
+
+WORKERS: dict[str, Callable[[dict], dict]] = {"torch": run_torch, "llama": run_llama}
+
+
+def worker_main(spec_file: Path) -> int:
+    spec = json.loads(Path(spec_file).read_text())
+    result = WORKERS[spec["backend"]](spec)
+    Path(spec["result"]).write_text(json.dumps(result))
+    return 0
+
+
+def run_worker(spec: dict) -> dict:
+    """Run one path in a fresh interpreter: its peak RSS is then its own."""
+    workdir = Path(spec["workdir"])
+    spec_file = workdir / f"{spec['name']}.spec.json"
+    spec["result"] = str(workdir / f"{spec['name']}.result.json")
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "runtime.bench", "--worker", str(spec_file)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise BenchError(f"bench worker for {spec['name']} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(Path(spec["result"]).read_text())
+
+
+# ------------------------------------------------------------------------------ orchestration
+
+
+def machine_description() -> dict[str, Any]:
+    import psutil
+
+    model_name = platform.processor()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model_name = line.split(":", 1)[1].strip()
+    return {"cpu": model_name, "nproc": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+            "load_average_1m": round(os.getloadavg()[0], 2), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def bench_tokens(checkpoint: Path, n_prompt: int, text_file: Optional[Path]) -> tuple[list, list]:
+    """(prompt ids of length n_prompt, ids of the fixed quality text), BOS first, same ids for
+    every path so tokenizers cannot differ between them."""
+    from zptr.checkpoint import load_checkpoint
+    from zptr.models import load_tokenizer
+
+    tokenizer = load_tokenizer(load_checkpoint(checkpoint).base_model)
+    if text_file is not None and not Path(text_file).is_file():
+        raise BenchError(f"{text_file}: quality text file not found")
+    path = Path(text_file) if text_file else DEFAULT_TEXT
+    text = path.read_text(encoding="utf-8") if path.is_file() else FALLBACK_TEXT
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = (ids * (n_prompt // max(1, len(ids)) + 1))[: max(0, n_prompt - len(bos))]
+    return bos + prompt, bos + ids
+
+
+def build_rows(name: str, result: dict, reference: dict, bandwidth: float, workdir: Path) -> list[Row]:
+    rows = []
+    for mode, timing in result["modes"].items():
+        prefill, prefill_std = median_std(timing["prefill"])
+        decode, decode_std = median_std(timing["decode"])
+        row = Row(path=name, omega=mode, prefill_tps=prefill, prefill_std=prefill_std,
+                  decode_tps=decode, decode_std=decode_std, peak_rss_mb=result["peak_rss_mb"],
+                  bytes_per_token=result["bytes_per_token"])
+        row.roofline_tps = bandwidth * 1e9 / row.bytes_per_token
+        row.roofline_share = row.decode_tps / row.roofline_tps
+        # The reference in the same Omega mode: fast is checked against exact (it must match it).
+        ref_mode = "off" if mode == "off" else "exact"
+        if ref_mode in reference["modes"]:
+            ref = np.load(workdir / f"{REFERENCE_PATH}.{ref_mode}.npy")
+            row.mean_kl, row.top1 = quality(ref, np.load(workdir / f"{name}.{mode}.npy"))
+        rows.append(row)
+    return rows
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Run every requested path and write the outputs; returns the JSON document."""
+    from tqdm import tqdm
+
+    threads = config.threads or os.cpu_count() or 1
+    names = list(config.paths)
+    missing = [n for n in names if PATHS[n].backend == "llama" and PATHS[n].kind not in config.ggufs]
+    if missing:
+        raise BenchError(f"no GGUF given for {', '.join(missing)}")
+    prompt, text = bench_tokens(config.checkpoint, config.n_prompt, config.text_file)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_description(),
+        "settings": {"n_prompt": len(prompt), "n_gen": config.n_gen, "repetitions": config.repetitions,
+                     "threads": threads, "quality_tokens": len(text),
+                     "checkpoint": str(config.checkpoint),
+                     "ggufs": {k: str(v[0]) for k, v in config.ggufs.items()}},
+    }
+    document["bandwidth_gbs"] = measure_bandwidth(threads)
+    rows: list[Row] = []
+    # The reference runs first (and untimed when torch-f32 itself was not asked for).
+    order = [REFERENCE_PATH] + [n for n in names if n != REFERENCE_PATH]
+    with tempfile.TemporaryDirectory(prefix="zptr-bench-") as workdir:
+        results: dict[str, dict] = {}
+        for name in tqdm(order, desc="bench", unit="path", disable=not config.progress):
+            spec = PATHS[name]
+            modes = [m for m in config.omega if m in spec.omega_modes]
+            if name == REFERENCE_PATH:  # the references every other path is compared with
+                modes = ["off"] + (["exact"] if set(config.omega) - {"off"} else [])
+            gguf, sidecar = config.ggufs.get(spec.kind, (None, None))
+            results[name] = run_worker({
+                "name": name, "backend": spec.backend, "kind": spec.kind, "modes": modes,
+                "checkpoint": str(config.checkpoint), "gguf": str(gguf) if gguf else None,
+                "sidecar": str(sidecar) if sidecar else None, "threads": threads,
+                "prompt": prompt, "text": text, "n_gen": config.n_gen,
+                "repetitions": config.repetitions, "timing": name in names, "workdir": workdir})
+        for name in names:
+            rows += build_rows(name, results[name], results[REFERENCE_PATH], document["bandwidth_gbs"],
+                               Path(workdir))
+    document["rows"] = [asdict(r) for r in rows]
+    document["summary"] = summary(rows)
+    write_outputs(document, rows, config.output_dir)
+    return document
+
+
+def _find(rows: Sequence[Row], path: str, omega: str) -> Optional[Row]:
+    return next((r for r in rows if r.path == path and r.omega == omega), None)
+
+
+def summary(rows: Sequence[Row]) -> dict[str, float]:
+    """The headline ratios: llama.cpp q4_k_m over PyTorch float32 decode, Omega-fast overhead."""
+    out: dict[str, float] = {}
+    torch_f32, q4 = _find(rows, "torch-f32", "off"), _find(rows, "llama-q4_k_m", "off")
+    if torch_f32 and q4:
+        out["q4_k_m_over_torch_f32_decode"] = q4.decode_tps / torch_f32.decode_tps
+    for name in (n for n in PATHS if PATHS[n].backend == "llama"):
+        off, fast = _find(rows, name, "off"), _find(rows, name, "fast")
+        if off and fast:
+            out[f"{name}_omega_fast_over_off_decode"] = fast.decode_tps / off.decode_tps
+    return out
+
+
+# ------------------------------------------------------------------------------ outputs
+
+COLUMNS = (  # (header, Row field, format)
+    ("path", "path", "{}"), ("omega", "omega", "{}"),
+    ("prefill t/s", "prefill_tps", "{:.1f}"), ("± sd", "prefill_std", "{:.1f}"),
+    ("decode t/s", "decode_tps", "{:.1f}"), ("± sd ", "decode_std", "{:.1f}"),
+    ("peak RSS MB", "peak_rss_mb", "{:.0f}"), ("MB/token", "bytes_per_token", "{:.1f}"),
+    ("roofline t/s", "roofline_tps", "{:.0f}"), ("roofline %", "roofline_share", "{:.1%}"),
+    ("mean KL", "mean_kl", "{:.2e}"), ("top-1", "top1", "{:.1%}"),
+)
+
+
+def _cell(row: Row, attr: str, fmt: str) -> str:
+    value = getattr(row, attr)
+    if attr == "bytes_per_token":
+        value = value / 1e6
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return fmt.format(value)
+
+
+def markdown_table(document: dict[str, Any], rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+             "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_cell(r, a, f) for _, a, f in COLUMNS) + " |" for r in rows]
+    s = document["settings"]
+    m = document["machine"]
+    lines += ["", f"pp={s['n_prompt']} tg={s['n_gen']} r={s['repetitions']} threads={s['threads']}; "
+              f"quality: {s['quality_tokens']} tokens vs torch-f32 ZPTR head in the same Omega mode "
+              f"(fast vs exact); memory bandwidth {document['bandwidth_gbs']:.1f} GB/s; "
+              f"{m['cpu']}, {m['nproc']} cores, {m['memory_gb']} GB, load {m['load_average_1m']}"]
+    lines += [f"{k}: {v:.2f}x" for k, v in document["summary"].items()]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.path} · omega {r.omega}" for r in rows]
+    colors = ["tab:orange" if r.path.startswith("torch") else "tab:blue" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.8), sharey=True)
+    for ax, attr, title in ((axes[0], "prefill", "prefill tokens/s"),
+                            (axes[1], "decode", "decode tokens/s")):
+        values = [getattr(r, f"{attr}_tps") for r in rows]
+        errors = [getattr(r, f"{attr}_std") for r in rows]
+        ax.barh(range(len(rows)), values, xerr=errors, color=colors)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.0f}", va="center", fontsize=8)
+        if attr == "decode":
+            roof = [r.roofline_tps for r in rows]
+            ax.scatter(roof, range(len(rows)), marker="|", s=200, color="black", label="roofline")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("ZPTR: PyTorch path (orange) vs llama.cpp path (blue)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_outputs(document: dict[str, Any], rows: Sequence[Row], output_dir: Path) -> None:
+    table = markdown_table(document, rows)
+    print(table)
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in rows)
+
+    _atomic_write(output_dir / "bench.json",
+                  lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+    _atomic_write(output_dir / "bench.csv", write_csv)
+    _atomic_write(output_dir / "bench.md", lambda tmp: tmp.write_text(table + "\n"))
+    _atomic_write(output_dir / "bench.png", lambda tmp: plot(rows, tmp))
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def ensure_checkpoint(model: str, output_dir: Path) -> Path:
+    """A checkpoint directory for ``model``: itself when it is one; for a HF directory or the
+    bundled model, an untrained ZPTR head at the golden alpha (deterministic, seed 0), so the
+    soul fold and Omega are exercised exactly as a trained checkpoint would."""
+    import torch
+
+    from zptr.checkpoint import CONFIG_FILE, save_checkpoint
+    from zptr.config import ZptrConfig
+    from zptr.head import ZptrHead
+    from zptr.model import architecture_of
+    from zptr.models import resolve_model_path
+
+    if (Path(model) / CONFIG_FILE).exists():
+        return Path(model)
+    directory, _ = resolve_model_path(model)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(str(directory))
+    target = output_dir / "checkpoint-untrained-golden"
+    if target.exists():
+        return target
+    torch.manual_seed(0)
+    config = ZptrConfig(hidden_size=hf_config.hidden_size)
+    head = ZptrHead(config)
+    head.soul.set_alpha(config.schedule.target)
+    arch = architecture_of(types.SimpleNamespace(config=hf_config))
+    return save_checkpoint(target, head, base_model=str(model), architecture=arch, step=0)
+
+
+def ensure_ggufs(checkpoint: Path, kinds: Sequence[str], models_dir: Path, progress: bool
+                 ) -> dict[str, tuple[Path, Optional[Path]]]:
+    """GGUF files (and Omega sidecars) of a checkpoint, converted once into ``models_dir``."""
+    from convert import convert_model
+
+    out = {}
+    for kind in kinds:
+        target = models_dir / f"{checkpoint.name}-{kind}.gguf"
+        result = convert_model(str(checkpoint), str(target), outtype=kind, overwrite=True,
+                               progress=progress) if not target.exists() else None
+        sidecar = target.with_name(target.name[: -len(".gguf")] + ".omega.gguf")
+        path = Path(result.model_path) if result else target
+        out[kind] = (path, sidecar if sidecar.exists() else None)
+    return out
+
+
+def _csv_list(allowed: Sequence[str]) -> Callable[[str], list]:
+    def parse(value: str) -> list:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        bad = [v for v in items if v not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def default_paths() -> list[str]:
+    import torch
+
+    return [n for n, p in PATHS.items() if not p.needs_cuda or torch.cuda.is_available()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", default="bundled",
+                        help="checkpoint directory, HF model directory or 'bundled' (default)")
+    parser.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (prefill)")
+    parser.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (decode)")
+    parser.add_argument("-r", "--repetitions", type=int, default=3, help="repetitions per test")
+    parser.add_argument("-t", "--threads", type=int, default=0, help="threads (0: all cores)")
+    parser.add_argument("--paths", type=_csv_list(tuple(PATHS)), default=None,
+                        help=f"comma list of {', '.join(PATHS)} (default: all; nf4 needs CUDA)")
+    parser.add_argument("--omega", type=_csv_list(OMEGA_MODES), default=list(OMEGA_MODES),
+                        help="comma list of Omega modes: off, fast, exact (default: all)")
+    parser.add_argument("--text-file", type=Path, default=None,
+                        help=f"fixed text for the quality columns (default: {DEFAULT_TEXT.name})")
+    parser.add_argument("-o", "--output-dir", type=Path, default=Path("zptr-bench"),
+                        help="where bench.json/.csv/.md/.png and converted GGUFs go")
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.worker is not None:
+        return worker_main(args.worker)
+    for flag, value in (("-p", args.n_prompt), ("-n", args.n_gen), ("-r", args.repetitions)):
+        if value < 1:
+            raise BenchError(f"{flag} must be at least 1, got {value}")
+    paths = args.paths or default_paths()
+    cuda_less = [n for n in paths if PATHS[n].needs_cuda and n not in default_paths()]
+    if cuda_less:
+        raise BenchError(f"{', '.join(cuda_less)} needs CUDA, which this machine lacks")
+    output_dir = args.output_dir
+    checkpoint = ensure_checkpoint(args.model, output_dir)
+    kinds = [PATHS[n].kind for n in paths if PATHS[n].backend == "llama"]
+    ggufs = ensure_ggufs(checkpoint, kinds, output_dir / "models", progress=True)
+    run_bench(BenchConfig(checkpoint=checkpoint, output_dir=output_dir, paths=paths,
+                          omega=args.omega, n_prompt=args.n_prompt, n_gen=args.n_gen,
+                          repetitions=args.repetitions, threads=args.threads,
+                          text_file=args.text_file, ggufs=ggufs))
+    print(f"\nwrote {', '.join(str(output_dir / f) for f in ('bench.md', 'bench.json', 'bench.csv', 'bench.png'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="zptr bench")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

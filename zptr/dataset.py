@@ -1,0 +1,174 @@
+"""Training data: JSONL lines of ``{"text": ...}`` or ``{"messages": [...]}``, optional ``"origin"``.
+
+``messages`` lines go through the tokenizer's chat template, so the model trains on exactly the
+text it will see at inference. A bad line is an error naming its line number unless the caller
+asks to skip bad lines, in which case they are counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .errors import ZptrError
+
+SAMPLE_CORPUS = "sample_corpus.jsonl"
+IGNORE_INDEX = -100  # label value cross-entropy skips (padding)
+
+
+class DatasetError(ZptrError, ValueError):
+    """The training data is missing, empty or has a malformed line."""
+
+
+@dataclass
+class Example:
+    text: str
+    origin: Optional[str] = None
+    chat: bool = False  # rendered by the chat template: its special tokens are already in the text
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    origin_ids: Optional[list[int]] = None
+
+    @property
+    def label_count(self) -> int:
+        """Tokens that carry a next-token loss: all but the first."""
+        return max(len(self.input_ids) - 1, 0)
+
+
+def sample_corpus_path() -> Path:
+    """The English/Japanese sample corpus shipped with the package."""
+    return Path(str(resources.files("zptr") / "data" / SAMPLE_CORPUS))
+
+
+def _check_messages(messages: Any) -> Optional[str]:
+    """Why a ``messages`` value is malformed, or None when it is fine."""
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{i}] is not an object"
+        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            return f"messages[{i}] needs string 'role' and 'content'"
+    return None
+
+
+def parse_line(line: str, tokenizer) -> Example:
+    """One JSONL line to an Example; ValueError with the reason when malformed."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    origin = record.get("origin")
+    if origin is not None and (not isinstance(origin, str) or not origin.strip()):
+        raise ValueError("'origin' must be a non-empty string when present")
+    if "text" in record and "messages" in record:
+        raise ValueError("has both 'text' and 'messages'; give one")
+    if "text" in record:
+        text = record["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("'text' must be a non-empty string")
+        return Example(text, origin)
+    if "messages" in record:
+        problem = _check_messages(record["messages"])
+        if problem:
+            raise ValueError(problem)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("'messages' needs a tokenizer with a chat template; this one has none")
+        return Example(tokenizer.apply_chat_template(record["messages"], tokenize=False), origin,
+                       chat=True)
+    raise ValueError("needs a 'text' or a 'messages' field")
+
+
+def read_jsonl(path: Union[str, Path], tokenizer, skip_bad_lines: bool = False
+               ) -> tuple[list[Example], int]:
+    """(examples, number of skipped bad lines). Blank lines are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: training data not found")
+    examples, skipped = [], 0
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        lineno = 0
+        while True:
+            lineno += 1
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as err:
+                raise DatasetError(f"{path}:{lineno}: not UTF-8 ({err.reason})") from None
+            if not line:
+                break
+            if not line.strip():
+                continue
+            try:
+                examples.append(parse_line(line, tokenizer))
+            except ValueError as err:
+                if not skip_bad_lines:
+                    raise DatasetError(
+                        f"{path}:{lineno}: {err} (pass --skip-bad-lines to skip such lines)") from None
+                skipped += 1
+    if not examples:
+        raise DatasetError(f"{path}: no usable examples" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+    return examples, skipped
+
+
+def tokenize(examples: list[Example], tokenizer, max_length: int,
+             default_origin: Optional[str] = None) -> list[TokenizedExample]:
+    """Token ids truncated to ``max_length``; an example's own origin wins over the default.
+
+    Chat-templated text already holds its special tokens, so none are added to it twice.
+    """
+    out = []
+    for example in examples:
+        ids = tokenizer(example.text, add_special_tokens=not example.chat, truncation=True,
+                        max_length=max_length)["input_ids"]
+        origin = example.origin or default_origin
+        origin_ids = None
+        if origin:
+            origin_ids = tokenizer(origin, truncation=True, max_length=max_length)["input_ids"]
+        out.append(TokenizedExample(ids, origin_ids))
+    return out
+
+
+def collate(batch: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (padding labelled IGNORE_INDEX)."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, example in enumerate(batch):
+        ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
+        mask[row, : len(example.input_ids)] = 1
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def fingerprint(path: Union[str, Path]) -> str:
+    """sha256 of the data file: a resumed run must read the same data to continue exactly."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_examples: int, epoch: int, seed: int) -> tuple[int, ...]:
+    """The example order of one epoch, a pure function of (seed, epoch) so resume can rebuild it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(num_examples, generator=generator).tolist())
+
+
+def global_batch_indices(step: int, global_batch: int, num_examples: int, seed: int) -> list[int]:
+    """Example indices of optimizer step ``step`` (0-based): the data position is the step."""
+    start = step * global_batch
+    indices = []
+    for position in range(start, start + global_batch):
+        epoch, offset = divmod(position, num_examples)
+        indices.append(epoch_order(num_examples, epoch, seed)[offset])
+    return indices

@@ -264,39 +264,12 @@ def run_torch(spec: dict) -> dict:
 # ------------------------------------------------------------------------------ the llama.cpp path
 
 
-@contextlib.contextmanager
-def _no_extra_buffer_types() -> Iterator[None]:
-    """Load models without llama.cpp's extra CPU buffer types (weight repacking, AMX).
-
-    On CPUs with AMX under some hypervisors, multi-token batches on quantized weights crash in
-    the AMX kernels (segfault); repacking off keeps the standard kernels. llama-cpp-python does
-    not expose the ``use_extra_bufts`` model parameter, so its defaults are patched while loading.
-    """
-    import llama_cpp
-
-    module = llama_cpp.llama_cpp
-    original = module.llama_model_default_params
-
-    def defaults():
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    module.llama_model_default_params = defaults
-    try:
-        yield
-    finally:
-        module.llama_model_default_params = original
-
-
 def _llama(model_path: str, spec: dict, n_batch: int, **kwargs):
-    import llama_cpp
+    from runtime.llama import open_llama
 
     n_ctx = max(len(spec["prompt"]), spec["n_gen"] + 1, len(spec["text"])) + 16
-    with _no_extra_buffer_types():
-        return llama_cpp.Llama(model_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                               n_threads=spec["threads"], n_threads_batch=spec["threads"],
-                               verbose=False, **kwargs)
+    return open_llama(Path(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                      n_threads=spec["threads"], n_threads_batch=spec["threads"], **kwargs)
 
 
 def _bare_decoder(spec: dict) -> tuple[Callable[[list], None], Callable[[], int], Callable]:

@@ -1,0 +1,108 @@
+"""``zptr quantize IN OUT TYPE``: any llama.cpp type through llama-cpp-python's own quantizer.
+
+``llama_model_quantize`` is llama.cpp's quantizer compiled into llama-cpp-python: no checkout,
+no compiler. The output appears only when complete; an Omega sidecar next to IN is re-paired
+with OUT (the pairing is by sha256, which quantization changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+from pathlib import Path
+
+from zptr.config import ZptrConfig
+
+from .inspect import field_value, open_gguf
+from .merge import ConvertError
+from .sidecar import read_sidecar, sidecar_path_for, write_sidecar
+from .writer import atomic_output
+
+SIDECAR_KEY = "zptr.omega.sidecar"
+
+
+def _llama_types() -> dict[str, int]:
+    """Out type name -> llama_ftype, read from llama-cpp-python's constants (q4_k_m, q8_0, ...)."""
+    import llama_cpp
+
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    types = {name[len(prefix):].lower(): value for name, value in vars(llama_cpp).items()
+             if name.startswith(prefix) and isinstance(value, int)}
+    types["f32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
+    return types
+
+
+QUANT_TYPES: dict[str, int] = _llama_types()
+
+
+def _string_override(key: str, value: str):
+    """A null-terminated array of one llama_model_kv_override setting a string key."""
+    import llama_cpp
+
+    overrides = (llama_cpp.llama_model_kv_override * 2)()
+    overrides[0].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+    overrides[0].key = key.encode()
+    overrides[0].value.val_str = value.encode()
+    return overrides
+
+
+def llama_quantize(infile: Path, outfile: Path, outtype: str, sidecar_name: str | None = None) -> None:
+    """Run llama.cpp's quantizer from ``infile`` to ``outfile`` (no atomicity, no checks)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[outtype]
+    params.nthread = 0  # all cores
+    overrides = None
+    if sidecar_name is not None:
+        overrides = _string_override(SIDECAR_KEY, sidecar_name)
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    status = llama_cpp.llama_model_quantize(str(infile).encode(), str(outfile).encode(), ctypes.byref(params))
+    if status != 0:
+        raise ConvertError(f"llama.cpp could not quantize {infile} to {outtype} (status {status})")
+
+
+def check_outtype(outtype: str) -> str:
+    outtype = outtype.lower()
+    if outtype not in QUANT_TYPES:
+        raise ConvertError(f"unknown out type {outtype!r}; llama.cpp types: {', '.join(sorted(QUANT_TYPES))}")
+    return outtype
+
+
+def quantize_gguf(infile: Path, outfile: Path, outtype: str, overwrite: bool = False) -> Path:
+    """Quantize a GGUF to ``outtype``; re-pair IN's Omega sidecar with OUT when there is one."""
+    infile, outfile = Path(infile), Path(outfile)
+    outtype = check_outtype(outtype)
+    if infile.resolve() == outfile.resolve():
+        raise ConvertError(f"{outfile}: the output must differ from the input")
+    reader = open_gguf(infile)
+    in_sidecar = sidecar_path_for(infile)
+    sidecar = read_sidecar(in_sidecar) if in_sidecar.exists() else None
+    out_sidecar = sidecar_path_for(outfile)
+    for target in (outfile, out_sidecar if sidecar else None):
+        if target is not None and target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists (pass --overwrite to replace it)")
+    has_key = field_value(reader, SIDECAR_KEY) is not None
+    del reader  # release the memory map before llama.cpp reads the file
+    with atomic_output(outfile, overwrite) as tmp:
+        llama_quantize(infile, tmp, outtype, out_sidecar.name if (sidecar or has_key) else None)
+    if sidecar is not None:
+        config = ZptrConfig(hidden_size=sidecar.hidden_size, rotation="dense", omega=sidecar.config)
+        write_sidecar(out_sidecar, sidecar.tensors, config, outfile)
+    return outfile
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("infile", help="input GGUF (f32, f16, bf16 or q8_0 for a faithful result)")
+    parser.add_argument("outfile", help="output GGUF")
+    parser.add_argument("type", help="llama.cpp type: q4_k_m, q5_k_m, q6_k, q8_0, q4_0, ...")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = quantize_gguf(Path(args.infile), Path(args.outfile), args.type, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    sidecar = sidecar_path_for(out)
+    if sidecar.exists():
+        print(f"wrote {sidecar}")
+    return 0

@@ -1,0 +1,109 @@
+"""Streaming GGUF writer: one tensor in memory at a time, output appears only when complete.
+
+gguf-py's writer lays out header, key/values and tensor infos first, then takes tensor data in
+order; every tensor's bytes are produced, encoded and written before the next is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from .merge import ConvertError
+from .tensors import GgufTensor
+
+Q = gguf.GGMLQuantizationType
+F = gguf.LlamaFileType
+# Out types written directly: (tensor type of 2-D weights, file type recorded in general.file_type).
+DIRECT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
+    "f32": (Q.F32, F.ALL_F32),
+    "f16": (Q.F16, F.MOSTLY_F16),
+    "bf16": (Q.BF16, F.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
+}
+# Numpy-native types; the others are encoded to bytes by gguf-py's quantizers.
+_NUMPY = {Q.F32: np.float32, Q.F16: np.float16}
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``path`` renamed onto it on success, deleted on any failure."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
+    if path.is_dir():
+        raise ConvertError(f"{path} is a directory, not an output file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def tensor_type(tensor: GgufTensor, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """Norms, biases and other vectors stay float32; rows a block type cannot split become f16."""
+    if len(tensor.shape) < 2:
+        return Q.F32
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if tensor.shape[-1] % block != 0:
+        return Q.F16
+    return qtype
+
+
+def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype in _NUMPY:
+        return np.ascontiguousarray(data, dtype=_NUMPY[qtype])
+    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+
+
+def _declare(writer: gguf.GGUFWriter, tensor: GgufTensor, qtype: gguf.GGMLQuantizationType) -> None:
+    if qtype in _NUMPY:
+        dtype = np.dtype(_NUMPY[qtype])
+        nbytes = int(np.prod(tensor.shape)) * dtype.itemsize
+        writer.add_tensor_info(tensor.name, tensor.shape, dtype, nbytes)
+    else:
+        byte_shape = gguf.quant_shape_to_byte_shape(tensor.shape, qtype)
+        writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                               raw_dtype=qtype)
+
+
+def write_gguf(path: Path, arch: str, write_keys: Callable[[gguf.GGUFWriter], None],
+               tensors: list[GgufTensor], outtype: str, overwrite: bool = False,
+               progress: bool = True) -> Path:
+    """Write ``tensors`` (loaded one by one) with the keys of ``write_keys`` to ``path``, atomically."""
+    if outtype not in DIRECT_TYPES:
+        raise ConvertError(f"out type {outtype!r} is not written directly; direct types: {', '.join(DIRECT_TYPES)}")
+    qtype, file_type = DIRECT_TYPES[outtype]
+    with atomic_output(path, overwrite) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            write_keys(writer)
+            writer.add_file_type(file_type)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            types = [tensor_type(t, qtype) for t in tensors]
+            for tensor, kind in zip(tensors, types):
+                _declare(writer, tensor, kind)
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            bar = tqdm(zip(tensors, types), total=len(tensors), desc=f"writing {Path(path).name}",
+                       unit="tensor", disable=not progress)
+            for tensor, kind in bar:
+                data = tensor.load()
+                if tuple(data.shape) != tuple(tensor.shape):
+                    raise ConvertError(f"tensor {tensor.name}: produced shape {data.shape}, declared {tensor.shape}")
+                writer.write_tensor_data(encode(data, kind))
+        finally:
+            writer.close()
+    return Path(path)

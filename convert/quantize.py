@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 from pathlib import Path
 
 from zptr.config import ZptrConfig
@@ -57,7 +58,14 @@ def llama_quantize(infile: Path, outfile: Path, outtype: str, sidecar_name: str 
     if sidecar_name is not None:
         overrides = _string_override(SIDECAR_KEY, sidecar_name)
         params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-    status = llama_cpp.llama_model_quantize(str(infile).encode(), str(outfile).encode(), ctypes.byref(params))
+    # llama.cpp logs every tensor through llama-cpp-python's logger: keep only errors.
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        status = llama_cpp.llama_model_quantize(str(infile).encode(), str(outfile).encode(), ctypes.byref(params))
+    finally:
+        logger.setLevel(level)
     if status != 0:
         raise ConvertError(f"llama.cpp could not quantize {infile} to {outtype} (status {status})")
 

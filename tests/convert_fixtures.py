@@ -78,16 +78,20 @@ def make_checkpoint(base_dir: Path, out_dir: Path, arch: str, rotation: str = "s
                            adapter_writer=peft_model.save_pretrained)
 
 
-def reference_model(checkpoint_dir: Optional[Path], base_dir: Path) -> torch.nn.Module:
+def reference_model(checkpoint_dir: Optional[Path], base_dir: Path, merge: bool = True,
+                    soul: bool = True) -> torch.nn.Module:
     """PyTorch ground truth, built independently of the converter: PEFT's own merge_and_unload,
-    then the ZPTR head with Omega off (the hook applies the soul before the untouched lm_head)."""
+    then the ZPTR head with Omega off (the hook applies the soul before the untouched lm_head).
+    ``merge=False`` / ``soul=False`` build what a converter skipping that step would match."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    if checkpoint_dir is None:
-        return base.eval()
-    merged = PeftModel.from_pretrained(base, str(checkpoint_dir)).merge_and_unload()
+    merged = base
+    if checkpoint_dir is not None and merge:
+        merged = PeftModel.from_pretrained(base, str(checkpoint_dir)).merge_and_unload()
+    if checkpoint_dir is None or not soul:
+        return merged.eval()
     ckpt = load_checkpoint(checkpoint_dir)
     config = ZptrConfig.from_dict(ckpt.config.to_dict())
     config.omega.enabled = False
@@ -102,11 +106,11 @@ def torch_logits(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
 
 
 def llama_logits(gguf_path: Path, ids: list[int], f32_cache: bool = True) -> np.ndarray:
-    from llama_cpp import Llama
+    from runtime.llama import open_llama
 
     kwargs = dict(type_k=0, type_v=0) if f32_cache else {}
-    llm = Llama(str(gguf_path), logits_all=True, n_ctx=len(ids) + 8, n_batch=len(ids) + 8,
-                n_ubatch=len(ids) + 8, verbose=False, n_threads=2, **kwargs)
+    llm = open_llama(Path(gguf_path), logits_all=True, n_ctx=len(ids) + 8, n_batch=len(ids) + 8,
+                     n_ubatch=len(ids) + 8, n_threads=2, **kwargs)
     llm.eval(ids)
     scores = np.array(llm.scores[: len(ids)], dtype=np.float64)
     llm.close()
@@ -123,3 +127,21 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     return {"mean_kl": float(kl.mean()), "top1": float((reference.argmax(-1) == candidate.argmax(-1)).mean()),
             "max_abs": float(np.abs(reference - candidate).max()), "n": int(reference.shape[0])}
+
+
+def make_seed_checkpoint(base_dir: Path, out_dir: Path, arch: str, seed: int = 1) -> Path:
+    """A seed-format directory: the PEFT adapter plus ``soul.pt`` with a dense orthogonal rotation."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[arch],
+                                                 init_lora_weights=False))
+    out_dir = Path(out_dir)
+    peft_model.save_pretrained(str(out_dir))
+    hidden = base.config.hidden_size
+    rotation = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(hidden, hidden, bias=False))
+    torch.save({"alpha": torch.tensor(GOLDEN_ALPHA), "so8_rotation": rotation.state_dict(), "step": 300},
+               out_dir / "soul.pt")
+    return out_dir

@@ -1,0 +1,40 @@
+"""``zptr convert SOURCE --outfile X.gguf --outtype q4_k_m``: the converter's command line."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+from .pipeline import convert_model
+from .quantize import QUANT_TYPES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="ZPTR checkpoint directory, seed-format directory, or plain HF model directory")
+    parser.add_argument("--outfile", required=True, help="output GGUF path (the sidecar goes next to it)")
+    parser.add_argument("--outtype", default="q4_k_m",
+                        help="f32, f16, bf16, q8_0 (written directly) or any llama.cpp type: "
+                             f"{', '.join(sorted(QUANT_TYPES))} (default q4_k_m)")
+    parser.add_argument("--base-model", default=None,
+                        help="base model overriding the checkpoint's: HF directory, .gguf file or 'bundled'")
+    parser.add_argument("--export-hf", default=None, metavar="DIR",
+                        help="also write the merged, folded model as a plain HF directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _interrupt(signum, frame) -> None:
+    # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed on the way out.
+    raise KeyboardInterrupt
+
+
+def main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    result = convert_model(Path(args.source), Path(args.outfile), args.outtype, base_model=args.base_model,
+                           overwrite=args.overwrite, export_hf=args.export_hf, progress=not args.no_progress)
+    print(f"wrote {result.model_path}")
+    for extra in (result.sidecar_path, result.export_dir):
+        if extra is not None:
+            print(f"wrote {extra}")
+    return 0

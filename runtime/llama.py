@@ -107,7 +107,9 @@ class HiddenLlama(llama_cpp.Llama):
         for i in range(0, len(tokens), self.n_batch):
             batch = tokens[i : min(len(tokens), i + self.n_batch)]
             n_past, n_tokens = self.n_tokens, len(batch)
-            self._batch.set_batch(batch=batch, n_past=n_past, logits_all=True)
+            # Embeddings mode needs every token as an output (llama.cpp would override anyway).
+            outputs_all = self._logits_all or bool(self.context_params.embeddings)
+            self._batch.set_batch(batch=batch, n_past=n_past, logits_all=outputs_all)
             self._ctx.decode(self._batch)
             self.input_ids[n_past : n_past + n_tokens] = batch
             if self._logits_all:

@@ -1,0 +1,100 @@
+"""The PyTorch reference path: the ZPTR head over the HF model, same interface as ZptrLlama.
+
+Ground truth for parity tests and the other side of benchmarks. It runs ``zptr.model.ZptrModel``
+(the hook applies Omega and the soul before the untouched lm_head), carrying the KV cache and the
+Omega state token by token, and samples with the same rules as llama.cpp's default chain
+(top-k, top-p, min-p, temperature; greedy at temperature 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from zptr.model import ZptrModel
+
+from .engine import Generation, collect
+
+
+def sample_token(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
+                 min_p: float, rng: np.random.Generator) -> int:
+    """One draw from ``logits`` under llama.cpp's default filters; argmax at temperature 0."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    order = np.argsort(-logits, kind="stable")
+    if top_k > 0:
+        order = order[:top_k]
+    values = logits[order].astype(np.float64)
+    probs = np.exp(values - values[0])
+    probs /= probs.sum()
+    keep = max(1, int(np.searchsorted(np.cumsum(probs), top_p) + 1)) if top_p < 1 else len(order)
+    keep = min(keep, int((probs >= min_p * probs[0]).sum()) if min_p > 0 else keep)
+    values = values[:keep] / temperature
+    probs = np.exp(values - values.max())
+    return int(order[rng.choice(keep, p=probs / probs.sum())])
+
+
+class TorchReference:
+    """``generate`` / ``stream`` / ``teacher_forced`` of a :class:`ZptrModel` with a tokenizer."""
+
+    def __init__(self, model: ZptrModel, tokenizer, origin: Optional[str] = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.set_origin(origin)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    @torch.no_grad()
+    def origin_signature(self, ids: Sequence[int]) -> torch.Tensor:
+        return self.model.origin_signature(torch.tensor([list(ids)], device=self.device))
+
+    def set_origin(self, text: Optional[str] = None, ids: Optional[Sequence[int]] = None) -> None:
+        """Origin of the following requests, from a text or ready token ids (None: s = 0)."""
+        if ids is None and text:
+            ids = self.tokenize(text)
+        self.origin = self.origin_signature(ids) if ids else None
+
+    @torch.no_grad()
+    def teacher_forced(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ZPTR logits (T, V), routes (T,)) for every position, in float32."""
+        out = self.model(torch.tensor([list(tokens)], device=self.device), origin=self.origin)
+        return out.logits[0].float().cpu().numpy(), out.routes[0].cpu().numpy()
+
+    @torch.no_grad()
+    def stream(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128,
+               temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+               min_p: float = 0.05, seed: Optional[int] = None, stop_at_eos: bool = True,
+               **_: Any) -> Iterator[tuple[int, str, int]]:
+        """(token, text piece, route) per generated token, KV cache and Omega state carried."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        rng = np.random.default_rng(seed)
+        eos = self.tokenizer.eos_token_id
+        state, past = None, None
+        step = torch.tensor([tokens], device=self.device)
+        text_so_far = ""
+        generated: list[int] = []
+        for _ in range(max_tokens):
+            out = self.model(step, origin=self.origin, omega_state=state, past_key_values=past,
+                             use_cache=True)
+            state, past = out.omega_state, out.past_key_values
+            token = sample_token(out.logits[0, -1].float().cpu().numpy(), temperature, top_k,
+                                 top_p, min_p, rng)
+            if stop_at_eos and token == eos:
+                return
+            generated.append(token)
+            text = self.tokenizer.decode(generated)
+            piece, text_so_far = text[len(text_so_far):], text
+            yield token, piece, int(out.routes[0, -1])
+            step = torch.tensor([[token]], device=self.device)
+
+    def generate(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128,
+                 **sampling: Any) -> Generation:
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        return collect(tokens, self.stream(tokens, max_tokens, **sampling))
+
+
+__all__ = ["TorchReference", "sample_token"]

@@ -98,16 +98,12 @@ def read_jsonl(path: Union[str, Path], tokenizer, skip_bad_lines: bool = False
     if not path.is_file():
         raise DatasetError(f"{path}: training data not found")
     examples, skipped = [], 0
-    with open(path, encoding="utf-8", errors="strict") as handle:
-        lineno = 0
-        while True:
-            lineno += 1
+    with open(path, "rb") as handle:  # decoded line by line, so an error names its line
+        for lineno, raw in enumerate(handle, start=1):
             try:
-                line = handle.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise DatasetError(f"{path}:{lineno}: not UTF-8 ({err.reason})") from None
-            if not line:
-                break
             if not line.strip():
                 continue
             try:
@@ -164,11 +160,13 @@ def epoch_order(num_examples: int, epoch: int, seed: int) -> tuple[int, ...]:
     return tuple(torch.randperm(num_examples, generator=generator).tolist())
 
 
-def global_batch_indices(step: int, global_batch: int, num_examples: int, seed: int) -> list[int]:
-    """Example indices of optimizer step ``step`` (0-based): the data position is the step."""
-    start = step * global_batch
+def global_batch_indices(position: int, global_batch: int, num_examples: int, seed: int) -> list[int]:
+    """Example indices of the global batch starting at data position ``position``.
+
+    The position counts examples consumed since the start of training, across epochs.
+    """
     indices = []
-    for position in range(start, start + global_batch):
-        epoch, offset = divmod(position, num_examples)
+    for at in range(position, position + global_batch):
+        epoch, offset = divmod(at, num_examples)
         indices.append(epoch_order(num_examples, epoch, seed)[offset])
     return indices

@@ -86,6 +86,8 @@ class Row:
     roofline_share: float = math.nan
     mean_kl: float = math.nan
     top1: float = math.nan
+    greedy_match: float = math.nan  # fast only: share of greedy tokens equal to exact's
+    certified_share: float = math.nan  # fast only: tokens the bound certified (no fallback)
 
 
 @dataclass
@@ -188,7 +190,12 @@ def timed(fn: Callable[[], int], repetitions: int) -> list[float]:
     return rates
 
 
-# ------------------------------------------------------------------------------ the PyTorch path
+# ------------------------------------------------------------------------------ the two paths
+#
+# Both backends expose the same interface (runtime.engine.ZptrLlama, runtime.reference.
+# TorchReference): ``generate(tokens, max_tokens, temperature=0)`` timed into prefill and decode,
+# and ``teacher_forced(tokens)`` giving the ZPTR logits of every position. A backend's ``open``
+# yields one such runner per Omega mode.
 
 
 def load_torch_path(checkpoint: Path, kind: str, threads: int):
@@ -213,7 +220,7 @@ def load_torch_path(checkpoint: Path, kind: str, threads: int):
             lm = lm.merge_and_unload()
     model = ZptrModel(lm, ckpt.config)
     load_head_tensors(model.head, ckpt.tensors)
-    return model.eval() if nf4 else model.to(dtype).eval()
+    return (model if nf4 else model.to(dtype)).eval(), ckpt
 
 
 @contextlib.contextmanager
@@ -228,107 +235,76 @@ def torch_omega(model, mode: str) -> Iterator[None]:
         model.head.omega = saved
 
 
-def run_torch(spec: dict) -> dict:
+def open_torch(spec: dict, quality: bool) -> Iterator[tuple[str, Any, dict]]:
     import torch
 
-    model = load_torch_path(Path(spec["checkpoint"]), spec["kind"], spec["threads"])
-    device = next(model.parameters()).device
-    prompt = torch.tensor([spec["prompt"]], device=device)
-    start = torch.tensor([spec["prompt"][:1]], device=device)
-    n_gen = spec["n_gen"]
+    from runtime.reference import TorchReference
+    from zptr.models import load_tokenizer
 
-    def prefill() -> int:
-        model.generate(prompt, max_new_tokens=1, do_sample=False)
-        return prompt.shape[1]
-
-    def decode() -> int:
-        model.generate(start, max_new_tokens=n_gen, min_new_tokens=n_gen, do_sample=False)
-        return n_gen
-
-    out: dict[str, Any] = {"modes": {}, "bytes_per_token": torch_decode_bytes(model)}
+    model, ckpt = load_torch_path(Path(spec["checkpoint"]), spec["kind"], spec["threads"])
+    runner = TorchReference(model, load_tokenizer(ckpt.base_model))
+    info = {"bytes_per_token": torch_decode_bytes(model)}
     with torch.inference_mode():
         for mode in spec["modes"]:
             with torch_omega(model, mode):
-                timing = {"prefill": timed(prefill, spec["repetitions"]),
-                          "decode": timed(decode, spec["repetitions"])} if spec["timing"] else {}
-            out["modes"][mode] = timing
-        out["peak_rss_mb"] = peak_rss_mb()
-        text = torch.tensor([spec["text"]], device=device)
-        for mode in spec["modes"]:
-            with torch_omega(model, mode):
-                logits = model(text).logits[0].float().cpu().numpy()
-            np.save(Path(spec["workdir"]) / f"{spec['name']}.{mode}.npy", logits)
-    return out
+                yield mode, runner, info
 
 
-# ------------------------------------------------------------------------------ the llama.cpp path
-
-
-def _llama(model_path: str, spec: dict, n_batch: int, **kwargs):
-    from runtime.llama import open_llama
+def open_llama_path(spec: dict, quality: bool) -> Iterator[tuple[str, Any, dict]]:
+    from runtime.engine import ZptrLlama
+    from runtime.llama import POOLING_NONE
 
     n_ctx = max(len(spec["prompt"]), spec["n_gen"] + 1, len(spec["text"])) + 16
-    return open_llama(Path(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                      n_threads=spec["threads"], n_threads_batch=spec["threads"], **kwargs)
-
-
-def _bare_decoder(spec: dict) -> tuple[Callable[[list], None], Callable[[], int], Callable]:
-    """(eval tokens, greedy next token, reset) on plain llama_cpp.Llama: the Omega-off path."""
-    import llama_cpp
-
-    llm = _llama(spec["gguf"], spec, max(512, len(spec["prompt"])))
-    n_vocab = llm.n_vocab()
-
-    def greedy() -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-        return int(logits.argmax())
-
-    return llm.eval, greedy, llm.reset
-
-
-def _bare_scores(spec: dict) -> np.ndarray:
-    llm = _llama(spec["gguf"], spec, max(512, len(spec["text"])), logits_all=True)
-    llm.eval(spec["text"])
-    return np.array(llm.scores[: len(spec["text"])])
-
-
-DECODERS: dict[str, Callable] = {"off": _bare_decoder}
-SCORERS: dict[str, Callable] = {"off": _bare_scores}
-
-
-def run_llama(spec: dict) -> dict:
-    prompt, n_gen = spec["prompt"], spec["n_gen"]
-    out: dict[str, Any] = {"modes": {}, "bytes_per_token": gguf_decode_bytes(Path(spec["gguf"]))}
+    n_batch = max(512, len(spec["prompt"]), len(spec["text"]))
+    info = {"bytes_per_token": gguf_decode_bytes(Path(spec["gguf"]))}
     for mode in spec["modes"]:
-        evaluate, greedy, reset = DECODERS[mode](spec)
-
-        def prefill() -> int:
-            reset()
-            evaluate(prompt)
-            return len(prompt)
-
-        def decode() -> int:
-            reset()
-            token = prompt[0]
-            for _ in range(n_gen):
-                evaluate([token])
-                token = greedy()
-            return n_gen
-
-        out["modes"][mode] = {"prefill": timed(prefill, spec["repetitions"]),
-                              "decode": timed(decode, spec["repetitions"])}
-    out["peak_rss_mb"] = peak_rss_mb()
-    for mode in spec["modes"]:
-        np.save(Path(spec["workdir"]) / f"{spec['name']}.{mode}.npy", SCORERS[mode](spec))
-    return out
+        # teacher_forced reads h_t of every token, which needs embeddings on in every mode; the
+        # timed off mode stays plain llama.cpp (embeddings would make every prompt token an output).
+        extra = dict(embedding=True, pooling_type=POOLING_NONE) if quality and mode == "off" else {}
+        engine = ZptrLlama(spec["gguf"], omega=mode, sidecar=spec["sidecar"], n_ctx=n_ctx,
+                           n_batch=n_batch, n_ubatch=n_batch, n_threads=spec["threads"],
+                           n_threads_batch=spec["threads"], **extra)
+        try:
+            yield mode, engine, info
+            if mode == "fast":
+                info["certified_share"] = engine.stats.certified_share
+        finally:
+            engine.close()
 
 
-WORKERS: dict[str, Callable[[dict], dict]] = {"torch": run_torch, "llama": run_llama}
+BACKENDS: dict[str, Callable[[dict, bool], Iterator[tuple[str, Any, dict]]]] = {
+    "torch": open_torch, "llama": open_llama_path}
+
+
+def run_path(spec: dict) -> dict:
+    """Time one path in every asked Omega mode, then save its teacher-forced logits (a second
+    pass, so the peak RSS reported is the one of generation alone)."""
+    prompt, start, n_gen = spec["prompt"], spec["prompt"][:1], spec["n_gen"]
+    greedy = dict(temperature=0.0, stop_at_eos=False)
+    modes: dict[str, dict] = {m: {"prefill": [], "decode": []} for m in spec["modes"]}
+    info: dict = {}
+    if spec["timing"]:
+        for mode, runner, info in BACKENDS[spec["backend"]](spec, False):
+            entry = modes[mode]
+            runner.generate(prompt, max_tokens=2, **greedy)  # warm-up
+            for _ in range(spec["repetitions"]):
+                entry["prefill"].append(len(prompt) / runner.generate(prompt, 1, **greedy).prefill_s)
+                run = runner.generate(start, n_gen + 1, **greedy)
+                entry["decode"].append(run.decode_tps)
+            entry["tokens"] = run.tokens
+        if "certified_share" in info:
+            modes["fast"]["certified_share"] = info.pop("certified_share")
+    peak = peak_rss_mb()
+    for mode, runner, info in BACKENDS[spec["backend"]](spec, True):
+        np.save(Path(spec["workdir"]) / f"{spec['name']}.{mode}.npy",
+                runner.teacher_forced(spec["text"])[0])
+    info.pop("certified_share", None)
+    return {"modes": modes, "peak_rss_mb": peak, **info}
 
 
 def worker_main(spec_file: Path) -> int:
     spec = json.loads(Path(spec_file).read_text())
-    result = WORKERS[spec["backend"]](spec)
+    result = run_path(spec)
     Path(spec["result"]).write_text(json.dumps(result))
     return 0
 
@@ -381,20 +357,25 @@ def bench_tokens(checkpoint: Path, n_prompt: int, text_file: Optional[Path]) -> 
     return bos + prompt, bos + ids
 
 
-def build_rows(name: str, result: dict, reference: dict, bandwidth: float, workdir: Path) -> list[Row]:
+def build_rows(name: str, result: dict, bandwidth: float, workdir: Path) -> list[Row]:
     rows = []
-    for mode, timing in result["modes"].items():
+    modes = result["modes"]
+    for mode, timing in modes.items():
         prefill, prefill_std = median_std(timing["prefill"])
         decode, decode_std = median_std(timing["decode"])
         row = Row(path=name, omega=mode, prefill_tps=prefill, prefill_std=prefill_std,
                   decode_tps=decode, decode_std=decode_std, peak_rss_mb=result["peak_rss_mb"],
-                  bytes_per_token=result["bytes_per_token"])
+                  bytes_per_token=result["bytes_per_token"],
+                  certified_share=timing.get("certified_share", math.nan))
         row.roofline_tps = bandwidth * 1e9 / row.bytes_per_token
         row.roofline_share = row.decode_tps / row.roofline_tps
-        # The reference in the same Omega mode: fast is checked against exact (it must match it).
-        ref_mode = "off" if mode == "off" else "exact"
-        if ref_mode in reference["modes"]:
-            ref = np.load(workdir / f"{REFERENCE_PATH}.{ref_mode}.npy")
+        # Quality against the float32 head in the same mode. teacher_forced is exact in both
+        # Omega-on modes, so fast is checked by its greedy tokens equalling exact's instead.
+        if mode == "fast":
+            if "exact" in modes:
+                row.greedy_match = float(np.mean(np.equal(timing["tokens"], modes["exact"]["tokens"])))
+        else:
+            ref = np.load(workdir / f"{REFERENCE_PATH}.{mode}.npy")
             row.mean_kl, row.top1 = quality(ref, np.load(workdir / f"{name}.{mode}.npy"))
         rows.append(row)
     return rows
@@ -437,8 +418,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 "prompt": prompt, "text": text, "n_gen": config.n_gen,
                 "repetitions": config.repetitions, "timing": name in names, "workdir": workdir})
         for name in names:
-            rows += build_rows(name, results[name], results[REFERENCE_PATH], document["bandwidth_gbs"],
-                               Path(workdir))
+            rows += build_rows(name, results[name], document["bandwidth_gbs"], Path(workdir))
     document["rows"] = [asdict(r) for r in rows]
     document["summary"] = summary(rows)
     write_outputs(document, rows, config.output_dir)
@@ -471,6 +451,7 @@ COLUMNS = (  # (header, Row field, format)
     ("peak RSS MB", "peak_rss_mb", "{:.0f}"), ("MB/token", "bytes_per_token", "{:.1f}"),
     ("roofline t/s", "roofline_tps", "{:.0f}"), ("roofline %", "roofline_share", "{:.1%}"),
     ("mean KL", "mean_kl", "{:.2e}"), ("top-1", "top1", "{:.1%}"),
+    ("= exact", "greedy_match", "{:.0%}"), ("certified", "certified_share", "{:.0%}"),
 )
 
 
@@ -490,8 +471,8 @@ def markdown_table(document: dict[str, Any], rows: Sequence[Row]) -> str:
     s = document["settings"]
     m = document["machine"]
     lines += ["", f"pp={s['n_prompt']} tg={s['n_gen']} r={s['repetitions']} threads={s['threads']}; "
-              f"quality: {s['quality_tokens']} tokens vs torch-f32 ZPTR head in the same Omega mode "
-              f"(fast vs exact); memory bandwidth {document['bandwidth_gbs']:.1f} GB/s; "
+              f"quality: {s['quality_tokens']} tokens vs the torch-f32 ZPTR head in the same Omega mode; "
+              f"fast: greedy tokens equal to exact's, share certified by the bound; memory bandwidth {document['bandwidth_gbs']:.1f} GB/s; "
               f"{m['cpu']}, {m['nproc']} cores, {m['memory_gb']} GB, load {m['load_average_1m']}"]
     lines += [f"{k}: {v:.2f}x" for k, v in document["summary"].items()]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from zptr.models import load_base_model, load_tokenizer, resolve_model_path
 from .hf_export import export_hf as write_hf_export
 from .hparams import arch_params, write_hparams
 from .merge import EMBED, ConvertError, LoraAdapter, MergedModel, SafetensorsWeights, Soul, StateDictWeights
-from .quantize import check_outtype, llama_quantize
+from .quantize import check_outtype, llama_quantize, untied_embedding_type
 from .sidecar import sidecar_path_for, write_sidecar
 from .tensors import GGUF_ARCHS, gguf_tensors
 from .vocab import write_vocab
@@ -122,6 +122,8 @@ def load_source(source: PathLike, base_model: Optional[PathLike], stack: context
         "source.step": ckpt.step,
         "source.checkpoint_sha256": _checkpoint_sha256(ckpt),
     }
+    if model.tied:
+        metadata["soul.untied_embedding"] = True  # quantizers keep the embedding's tied precision
     return Source(model, arch, tokenizer_dir, source.name, metadata, ckpt)
 
 
@@ -176,8 +178,10 @@ def convert_model(source: PathLike, outfile: PathLike, outtype: str = "q4_k_m",
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".zptr-convert-", dir=outfile.parent)))
             intermediate = write_gguf(work / "f32.gguf", arch_name, write_keys, tensors, "f32", progress=progress)
+            untied = src.model.tied and src.model.folded
+            embedding_type = untied_embedding_type(outtype, config.hidden_size) if untied else None
             with atomic_output(outfile, overwrite) as tmp:
-                llama_quantize(intermediate, tmp, outtype)
+                llama_quantize(intermediate, tmp, outtype, embedding_type=embedding_type)
         if sidecar_path is not None:
             write_sidecar(sidecar_path, src.omega, src.checkpoint.config, outfile)
         if export_dir is not None:

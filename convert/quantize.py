@@ -12,6 +12,8 @@ import ctypes
 import logging
 from pathlib import Path
 
+import gguf
+
 from zptr.config import ZptrConfig
 
 from .inspect import field_value, open_gguf
@@ -20,6 +22,18 @@ from .sidecar import read_sidecar, sidecar_path_for, write_sidecar
 from .writer import atomic_output
 
 SIDECAR_KEY = "zptr.omega.sidecar"
+UNTIED_KEY = "zptr.soul.untied_embedding"
+# ftypes whose own tensor type is at least as precise as what llama.cpp gives an output matrix.
+_HIGH_PRECISION = ("f32", "f16", "bf16", "q8_0")
+
+
+def untied_embedding_type(outtype: str, n_embd: int) -> int | None:
+    """The tensor type llama.cpp gives a tied embedding (it doubles as the output matrix there):
+    Q6_K, or Q8_0 when rows do not split into 256-blocks. The fold unties the embedding; giving it
+    the same type keeps the input embedding as precise as in the tied original."""
+    if outtype in _HIGH_PRECISION:
+        return None
+    return int(gguf.GGMLQuantizationType.Q8_0 if n_embd % 256 else gguf.GGMLQuantizationType.Q6_K)
 
 
 def _llama_types() -> dict[str, int]:
@@ -47,13 +61,16 @@ def _string_override(key: str, value: str):
     return overrides
 
 
-def llama_quantize(infile: Path, outfile: Path, outtype: str, sidecar_name: str | None = None) -> None:
+def llama_quantize(infile: Path, outfile: Path, outtype: str, sidecar_name: str | None = None,
+                   embedding_type: int | None = None) -> None:
     """Run llama.cpp's quantizer from ``infile`` to ``outfile`` (no atomicity, no checks)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[outtype]
     params.nthread = 0  # all cores
+    if embedding_type is not None:
+        params.token_embedding_type = embedding_type
     overrides = None
     if sidecar_name is not None:
         overrides = _string_override(SIDECAR_KEY, sidecar_name)
@@ -91,9 +108,13 @@ def quantize_gguf(infile: Path, outfile: Path, outtype: str, overwrite: bool = F
         if target is not None and target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists (pass --overwrite to replace it)")
     has_key = field_value(reader, SIDECAR_KEY) is not None
+    embedding_type = None
+    if field_value(reader, UNTIED_KEY, False):
+        arch = field_value(reader, "general.architecture")
+        embedding_type = untied_embedding_type(outtype, int(field_value(reader, f"{arch}.embedding_length")))
     del reader  # release the memory map before llama.cpp reads the file
     with atomic_output(outfile, overwrite) as tmp:
-        llama_quantize(infile, tmp, outtype, out_sidecar.name if (sidecar or has_key) else None)
+        llama_quantize(infile, tmp, outtype, out_sidecar.name if (sidecar or has_key) else None, embedding_type)
     if sidecar is not None:
         config = ZptrConfig(hidden_size=sidecar.hidden_size, rotation="dense", omega=sidecar.config)
         write_sidecar(out_sidecar, sidecar.tensors, config, outfile)

@@ -138,18 +138,16 @@ def gguf_decode_bytes(path: Path) -> int:
 
 
 def torch_decode_bytes(model) -> int:
-    """Weight bytes one decoded token reads in PyTorch: every parameter and buffer once (shared
-    storage counted once), without the input embedding table unless it is also the lm_head."""
+    """Weight bytes one decoded token reads from the PyTorch language model: every parameter
+    once (shared storage counted once), without the input embedding table unless it is also the
+    lm_head. The ZPTR head is left out, as the Omega sidecar is on the GGUF side: both columns
+    are the language model's own bytes."""
     lm = model.lm
     embed = lm.get_input_embeddings().weight
     head = lm.get_output_embeddings().weight
     skip = {embed.data_ptr()} if embed.data_ptr() != head.data_ptr() else set()
-    seen: dict[int, int] = {}
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        ptr = tensor.data_ptr()
-        if ptr not in skip:
-            seen[ptr] = tensor.numel() * tensor.element_size()
-    return sum(seen.values())
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in lm.parameters()}
+    return sum(size for ptr, size in seen.items() if ptr not in skip)
 
 
 def peak_rss_mb() -> float:
@@ -568,17 +566,15 @@ def ensure_checkpoint(model: str, output_dir: Path) -> Path:
 
 def ensure_ggufs(checkpoint: Path, kinds: Sequence[str], models_dir: Path, progress: bool
                  ) -> dict[str, tuple[Path, Optional[Path]]]:
-    """GGUF files (and Omega sidecars) of a checkpoint, converted once into ``models_dir``."""
+    """GGUF files (and Omega sidecars) of a checkpoint in ``models_dir``, converted afresh each
+    run: a file left by an earlier run may come from another checkpoint of the same name."""
     from convert import convert_model
 
     out = {}
     for kind in kinds:
-        target = models_dir / f"{checkpoint.name}-{kind}.gguf"
-        result = convert_model(str(checkpoint), str(target), outtype=kind, overwrite=True,
-                               progress=progress) if not target.exists() else None
-        sidecar = target.with_name(target.name[: -len(".gguf")] + ".omega.gguf")
-        path = Path(result.model_path) if result else target
-        out[kind] = (path, sidecar if sidecar.exists() else None)
+        result = convert_model(checkpoint, models_dir / f"{checkpoint.name}-{kind}.gguf",
+                               outtype=kind, overwrite=True, progress=progress)
+        out[kind] = (Path(result.model_path), result.sidecar_path and Path(result.sidecar_path))
     return out
 
 

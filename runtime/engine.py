@@ -176,9 +176,12 @@ class ZptrLlama:
         self.model_path = Path(model_path)
         self.sidecar: Optional[Sidecar] = self._find_sidecar(sidecar, omega)
         self.mode = ("fast" if self.sidecar else "off") if omega == "auto" else omega
+        on = self.mode != "off"
+        if origin and not on:
+            raise OmegaModeError("an origin text needs Omega on, but Omega is off "
+                                 f"({'--omega off' if omega == 'off' else 'no sidecar found'})")
         if f32_kv:
             llama_kwargs.update(type_k=KV_F32, type_v=KV_F32)
-        on = self.mode != "off"
         if on:
             llama_kwargs.update(embedding=True, pooling_type=POOLING_NONE)
         self.llm: HiddenLlama = open_llama(self.model_path, HiddenLlama, n_ctx=n_ctx,

@@ -1,0 +1,189 @@
+"""ZptrLlama on the bundled SmolLM2 GGUF with an Omega sidecar: modes, the llama-cpp-python
+processor path against the batch path, fast == exact, streaming, prefix reuse, errors, CLI."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from convert.sidecar import SidecarError, sidecar_path_for, write_sidecar
+from runtime.engine import OmegaLogitsProcessor, OmegaModeError, ZptrLlama
+from runtime.llama import ModelLoadError
+from zptr.checkpoint import head_tensors
+from zptr.config import ZptrConfig
+from zptr.head import ZptrHead
+from zptr.models import smollm2_gguf_path
+
+PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "東京は日本の", "Once upon a time",
+    "The best way to learn a language", "import numpy as np\n", "Dear Sir or Madam,",
+    "In 1969, the first", "Water boils at", "Here is a haiku about autumn:",
+    "SELECT name FROM", "The mitochondria is", "私の趣味は", "To be or not to be",
+    "The quick brown fox", "A recipe for pancakes:", "function add(a, b) {",
+    "The theory of relativity", "My favourite colour is", "Q: What is 2+2?\nA:",
+]
+
+
+def omega_tensors(hidden: int, gate: float, seed: int = 0):
+    """A random router (PyTorch's init: SmolLM2's h is large enough that the routes vary)."""
+    torch.manual_seed(seed)
+    config = ZptrConfig(hidden_size=hidden)
+    head = ZptrHead(config)
+    with torch.no_grad():
+        head.omega.gate.fill_(gate)
+    return {k: v for k, v in head_tensors(head).items() if k.startswith("omega.")}, config
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """The bundled GGUF linked into a temp dir, with its sidecar next to it (sigma(omega) = 0.047:
+    large enough to change greedy output, small enough for the fast certificate)."""
+    directory = tmp_path_factory.mktemp("runtime")
+    link = directory / "smol.gguf"
+    link.symlink_to(smollm2_gguf_path())
+    write_sidecar(sidecar_path_for(link), *omega_tensors(576, -3.0), link)
+    return link
+
+
+@pytest.fixture(scope="module")
+def exact(model):
+    return ZptrLlama(model, omega="exact", n_ctx=1024, origin="I am a careful, terse writer.",
+                     f32_kv=True)
+
+
+@pytest.fixture(scope="module")
+def fast(model):
+    return ZptrLlama(model, omega="fast", n_ctx=1024, origin="I am a careful, terse writer.",
+                     f32_kv=True)
+
+
+def test_auto_picks_fast_with_a_sidecar_and_off_without(model, tmp_path):
+    assert ZptrLlama(model, n_ctx=256).mode == "fast"
+    bare = tmp_path / "bare.gguf"
+    bare.symlink_to(smollm2_gguf_path())
+    llm = ZptrLlama(bare, n_ctx=256)
+    assert llm.mode == "off" and not llm.omega_on
+    assert len(llm.generate("Hello", 4).tokens) == 4  # --omega off needs no sidecar
+    with pytest.raises(OmegaModeError, match="no Omega sidecar"):
+        ZptrLlama(bare, omega="exact", n_ctx=256)
+    with pytest.raises(OmegaModeError, match="origin text needs Omega on"):
+        ZptrLlama(bare, omega="off", origin="me", n_ctx=256)
+
+
+def test_processor_path_equals_batch_path(exact):
+    """Token by token through llama-cpp-python's sampler == one teacher-forced batch decode
+    (f32 KV cache: with f16 the two decode orders differ by ~0.1 logit and flip near-ties)."""
+    prompt = exact.tokenize("The best way to learn a language")
+    result = exact.generate(prompt, 24)
+    logits, routes, margins = exact.teacher_forced(prompt + result.tokens)
+    positions = np.arange(len(prompt) - 1, len(prompt) - 1 + len(result.tokens))
+    top2 = np.sort(logits[positions], 1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0] > 1e-3) & (margins[positions] > 1e-4)
+    assert clear.mean() > 0.8
+    np.testing.assert_array_equal(logits[positions].argmax(1)[clear], np.array(result.tokens)[clear])
+    np.testing.assert_array_equal(routes[positions][clear], np.array(result.routes)[clear])
+    assert len(set(result.routes)) >= 2
+
+
+def test_fast_choice_equals_exact_on_20_prompts_64_tokens(fast):
+    """At every step of fast greedy decoding the fast choice is exact's argmax on the same
+    logits: by induction fast output == exact output token for token."""
+    corrector = fast.corrector
+    checked = []
+
+    class Both(OmegaLogitsProcessor):
+        def __call__(self, input_ids, scores):
+            base = np.array(scores, np.float32)
+            out = super().__call__(input_ids, scores)
+            h, phi, delta = fast.track.at(len(input_ids) - 1)
+            o = fast.router.route(h, phi, delta, fast.origin_term).outputs[0]
+            full = base + corrector.gate * (corrector.matrix @ o)
+            checked.append(int(np.argmax(out)) == int(np.argmax(full)))
+            return out
+
+    from llama_cpp import LogitsProcessorList
+
+    corrector.stats.reset()
+    for prompt in PROMPTS:
+        processor = Both(fast, "fast", 1)
+        tokens = fast.tokenize(prompt)
+        for count, _ in enumerate(fast.llm.generate(tokens, temp=0.0, logits_processor=
+                                                    LogitsProcessorList([processor]))):
+            if count + 1 == 64:
+                break
+    assert len(checked) == 20 * 64 and all(checked)
+    stats = corrector.stats
+    print(f"\nfast certified {stats.certified}/{stats.certified + stats.fallback} "
+          f"({100 * stats.certified_share:.1f} %)")
+    assert stats.certified_share > 0.5
+
+
+def test_fast_and_exact_generate_the_same_text(fast, exact):
+    for prompt in PROMPTS[:3]:
+        a, b = fast.generate(prompt, 48), exact.generate(prompt, 48)
+        assert a.tokens == b.tokens and a.routes == b.routes
+
+
+def test_completion_chat_and_streaming(fast):
+    full = fast.create_completion("Water boils at", max_tokens=16, temperature=0)
+    routes = list(fast.last_routes)
+    assert full["usage"]["completion_tokens"] == len(routes) == 16
+    chunks = fast.create_completion("Water boils at", max_tokens=16, temperature=0, stream=True)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
+    assert fast.last_routes == routes  # per-request state: the same request, the same routes
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = fast.create_chat_completion(messages, max_tokens=12, temperature=0)
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in
+                       fast.create_chat_completion(messages, max_tokens=12, temperature=0, stream=True))
+    assert streamed == chat["choices"][0]["message"]["content"]
+    sampled = fast.create_completion("Water boils at", max_tokens=16, temperature=0.8, top_k=20,
+                                     seed=3)
+    assert sampled["usage"]["completion_tokens"] > 0
+
+
+def test_prefix_reuse_keeps_omega_state(model):
+    shared = "In a quiet village by the sea, an old fisherman told stories every night. "
+    first, second = shared + "One evening", shared + "The children"
+    llm = ZptrLlama(model, omega="exact", n_ctx=512)
+    starts = []
+    write = llm.track.write
+    llm.llm.hidden_listener = lambda start, rows: (starts.append(start), write(start, rows))
+    llm.generate(first, 8)
+    starts.clear()
+    reused = llm.generate(second, 16)
+    assert starts[0] > 10  # llama-cpp-python decoded only the new suffix
+    fresh = ZptrLlama(model, omega="exact", n_ctx=512).generate(second, 16)
+    assert reused.tokens == fresh.tokens and reused.routes == fresh.routes
+
+
+def test_sidecar_of_another_model_or_size_is_refused(model, tmp_path):
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF not really a model")
+    wrong_sha = write_sidecar(tmp_path / "a.omega.gguf", *omega_tensors(576, -3.0), other)
+    with pytest.raises(SidecarError, match="sha256 mismatch"):
+        ZptrLlama(model, omega="fast", sidecar=wrong_sha, n_ctx=256)
+    wrong_size = write_sidecar(tmp_path / "b.omega.gguf", *omega_tensors(64, -3.0), model)
+    with pytest.raises(SidecarError, match="hidden size 64"):
+        ZptrLlama(model, omega="fast", sidecar=wrong_size, n_ctx=256)
+    corrupt = tmp_path / "c.omega.gguf"
+    corrupt.write_bytes(sidecar_path_for(model).read_bytes()[:5000])
+    with pytest.raises(SidecarError, match="truncated|corrupt"):
+        ZptrLlama(model, omega="fast", sidecar=corrupt, n_ctx=256)
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_bytes(b"nope")
+    with pytest.raises(ModelLoadError, match="not a GGUF"):
+        ZptrLlama(not_gguf, omega="off")
+
+
+def test_cli_run_show_routes(model, capsys):
+    from zptr.cli import main
+
+    assert main(["run", str(model), "-p", "Once upon a time", "-n", "6", "--show-routes",
+                 "--no-color", "--origin", "a sailor"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("[") >= 6  # one route tag per token
+    assert "routes: BOUNDARY" in captured.err and "certified" in captured.err
+    assert main(["run", str(model), "-p", "x", "--omega", "exact", "--sidecar",
+                 str(model.with_name("missing.omega.gguf"))]) == 1
+    assert "no Omega sidecar" in capsys.readouterr().err

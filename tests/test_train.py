@@ -105,6 +105,11 @@ def test_resume_is_exact(tiny_dir, tmp_path):
         train(quick(tiny_dir, tmp_path / "a", max_steps=20, resume=str(resumed), data=str(other)))
     with pytest.raises(TrainError, match="already holds checkpoints"):
         train(quick(tiny_dir, tmp_path / "b", max_steps=12))
+    # Resuming an earlier checkpoint drops the metrics the abandoned continuation logged.
+    train(quick(tiny_dir, tmp_path / "a", max_steps=7, resume=str(tmp_path / "a" / "step_000006"),
+                **settings))
+    logged = [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 8))
 
 
 def run_cli(args, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from .config import ROTATION_KINDS, ROUTING_MODES
 from .trainer import TrainConfig, TrainingInterrupted, train
@@ -35,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Ours.
     add("--data", default=None,
         help="JSONL: {'text'} or {'messages'} per line, optional 'origin' (default: bundled sample corpus)")
-    add("--output-dir", default=d.output_dir, help="where step_NNNNNN/ checkpoints go (default %(default)s)")
+    add("--output-dir", default=None,
+        help="where step_NNNNNN/ checkpoints and metrics.jsonl go (default: the --resume checkpoint's "
+             "directory, else zptr-output)")
     add("--load-in-4bit", action="store_true", help="bitsandbytes NF4 base with double quantisation")
     add("--rotation", choices=ROTATION_KINDS, default=d.rotation)
     add("--routing", choices=ROUTING_MODES, default=d.routing)
@@ -72,6 +75,6 @@ def main(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stop:
         print(f"zptr train: {stop}")
         return stop.exit_code
-    if path is not None:  # every process returns it; one line is enough
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch: one line, not one per process
         print(f"zptr train: final checkpoint {path}")
     return 0

@@ -77,7 +77,7 @@ class TrainingInterrupted(ZptrError):
 class TrainConfig:
     base_model: str = "bundled"
     data: Optional[str] = None  # None: the bundled sample corpus
-    output_dir: str = "zptr-output"
+    output_dir: Optional[str] = None  # default: the resumed checkpoint's directory, else zptr-output
     max_steps: int = 500
     warmup_steps: int = 50
     annealing_steps: int = 400
@@ -350,7 +350,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) ->
     from .models import load_tokenizer
 
     cfg.validate()
-    output_dir = Path(cfg.output_dir)
+    output_dir = Path(cfg.output_dir or (Path(cfg.resume).parent if cfg.resume else "zptr-output"))
     resume = None
     if cfg.resume:
         resume = load_checkpoint(Path(cfg.resume))  # verifies sha256 and the soul tensors
@@ -407,6 +407,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) ->
     metrics_file = output_dir / METRICS_FILE
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _truncate_metrics(metrics_file, start_step)
         if skipped:
             print(f"zptr train: skipped {skipped} bad lines of {cfg.data_path}")
 
@@ -497,6 +499,18 @@ def _stop_requested(stop: dict, accelerator, device) -> bool:
     if accelerator.num_processes > 1:
         flag = accelerator.reduce(flag, "sum")
     return bool(flag.item() > 0)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after ``step`` (a run that went on past its last checkpoint), atomically."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def _load_resumed_weights(model: ZptrModel, resume) -> None:

@@ -252,8 +252,11 @@ def open_llama_path(spec: dict, quality: bool) -> Iterator[tuple[str, Any, dict]
     from runtime.engine import ZptrLlama
     from runtime.llama import POOLING_NONE
 
-    n_ctx = max(len(spec["prompt"]), spec["n_gen"] + 1, len(spec["text"])) + 16
-    n_batch = max(512, len(spec["prompt"]), len(spec["text"]))
+    # llama-cpp-python keeps a (n_ctx, n_vocab) float32 score array: size the context per pass
+    # so the timed pass's RSS does not carry the long quality text's.
+    longest = len(spec["text"]) if quality else max(len(spec["prompt"]), spec["n_gen"] + 1)
+    n_ctx = longest + 16
+    n_batch = max(512, longest)
     info = {"bytes_per_token": gguf_decode_bytes(Path(spec["gguf"]))}
     for mode in spec["modes"]:
         # teacher_forced reads h_t of every token, which needs embeddings on in every mode; the
@@ -274,6 +277,19 @@ BACKENDS: dict[str, Callable[[dict, bool], Iterator[tuple[str, Any, dict]]]] = {
     "torch": open_torch, "llama": open_llama_path}
 
 
+def fresh_generate(runner) -> Callable[..., Any]:
+    """``runner.generate`` from an empty context every call. llama-cpp-python reuses the KV cache
+    of a matching prompt prefix, which would turn a repeated prefill into a one-token decode."""
+    llm = getattr(runner, "llm", None)
+
+    def generate(*args: Any, **kwargs: Any):
+        if llm is not None:
+            llm.reset()
+        return runner.generate(*args, **kwargs)
+
+    return generate
+
+
 def run_path(spec: dict) -> dict:
     """Time one path in every asked Omega mode, then save its teacher-forced logits (a second
     pass, so the peak RSS reported is the one of generation alone)."""
@@ -284,10 +300,11 @@ def run_path(spec: dict) -> dict:
     if spec["timing"]:
         for mode, runner, info in BACKENDS[spec["backend"]](spec, False):
             entry = modes[mode]
-            runner.generate(prompt, max_tokens=2, **greedy)  # warm-up
+            generate = fresh_generate(runner)
+            generate(prompt, max_tokens=2, **greedy)  # warm-up
             for _ in range(spec["repetitions"]):
-                entry["prefill"].append(len(prompt) / runner.generate(prompt, 1, **greedy).prefill_s)
-                run = runner.generate(start, n_gen + 1, **greedy)
+                entry["prefill"].append(len(prompt) / generate(prompt, 1, **greedy).prefill_s)
+                run = generate(start, n_gen + 1, **greedy)
                 entry["decode"].append(run.decode_tps)
             entry["tokens"] = run.tokens
         if "certified_share" in info:

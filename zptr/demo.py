@@ -40,6 +40,7 @@ class Size:
 
     steps: int
     max_length: int
+    bench_paths: tuple
     n_prompt: int
     n_gen: int
     repetitions: int
@@ -47,8 +48,10 @@ class Size:
 
 
 SIZES = {
-    "full": Size(steps=60, max_length=128, n_prompt=128, n_gen=64, repetitions=3, generate_tokens=48),
-    "quick": Size(steps=4, max_length=32, n_prompt=8, n_gen=4, repetitions=1, generate_tokens=8),
+    "full": Size(steps=60, max_length=128, bench_paths=("torch-f32", "llama-f16", "llama-q4_k_m"),
+                 n_prompt=128, n_gen=64, repetitions=3, generate_tokens=48),
+    "quick": Size(steps=4, max_length=32, bench_paths=("torch-f32", "llama-q4_k_m"),
+                  n_prompt=8, n_gen=4, repetitions=1, generate_tokens=8),
 }
 
 
@@ -160,7 +163,7 @@ def bench_stage(checkpoint: Path, ggufs: dict, size: Size, threads: int, output_
 
     return run_bench(BenchConfig(
         checkpoint=checkpoint, output_dir=output_dir, ggufs=ggufs, threads=threads,
-        paths=["torch-f32", "llama-f16", "llama-q4_k_m"], omega=["off", "fast", "exact"],
+        paths=list(size.bench_paths), omega=["off", "fast", "exact"],
         n_prompt=size.n_prompt, n_gen=size.n_gen, repetitions=size.repetitions))
 
 
@@ -193,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     generation = timed("generate", lambda: generate_stage(ggufs["q4_k_m"][0], args.prompt,
                                                           size.generate_tokens, args.threads,
                                                           output_dir))
-    _stage(5, total, "bench: PyTorch float32 vs llama.cpp f16 / q4_k_m")
+    _stage(5, total, f"bench: {', '.join(size.bench_paths)}; Omega off / fast / exact")
     bench = timed("bench", lambda: bench_stage(checkpoint, ggufs, size, args.threads,
                                                output_dir / "bench"))
     timings["total"] = round(time.perf_counter() - started, 1)

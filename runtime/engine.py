@@ -106,6 +106,18 @@ class OmegaTrack:
         self.hidden[start:end], self.phase[start:end] = rows, phases
         self.filled = end
 
+    def snapshot(self, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.hidden[:n_tokens].copy(), self.phase[:n_tokens].copy()
+
+    def restore(self, snapshot: Optional[tuple[np.ndarray, np.ndarray]], n_tokens: int) -> None:
+        """Back to a saved context; a state saved without Omega leaves no position known."""
+        if snapshot is None:
+            self.filled = 0
+            return
+        hidden, phase = snapshot
+        self.hidden[: len(hidden)], self.phase[: len(phase)] = hidden, phase
+        self.filled = min(n_tokens, len(hidden))
+
     def at(self, position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(h, phi, delta) of one position."""
         if position >= self.filled:
@@ -204,6 +216,7 @@ class ZptrLlama:
             self.track = OmegaTrack(self.llm.n_ctx(), self.llm.n_embd(),
                                     self.sidecar.config.phase_decay)
             self.llm.hidden_listener = self.track.write
+            self.llm.state_hooks = (self.track.snapshot, self.track.restore)
             self.set_origin(origin)
 
     def _find_sidecar(self, sidecar: Optional[Union[str, Path]], omega: str) -> Optional[Sidecar]:

@@ -100,6 +100,21 @@ class HiddenLlama(llama_cpp.Llama):
     """
 
     hidden_listener: Optional[HiddenListener] = None
+    # (save(n_tokens) -> snapshot, load(snapshot or None, n_tokens)): whoever keeps per-position
+    # state next to the KV cache travels with llama-cpp-python's save_state / load_state, which
+    # its LlamaCache uses to restore an earlier prompt's context.
+    state_hooks: Optional[tuple[Callable[[int], Any], Callable[[Any, int], None]]] = None
+
+    def save_state(self):
+        state = super().save_state()
+        if self.state_hooks is not None:
+            state.zptr_positions = self.state_hooks[0](self.n_tokens)
+        return state
+
+    def load_state(self, state) -> None:
+        super().load_state(state)
+        if self.state_hooks is not None:
+            self.state_hooks[1](getattr(state, "zptr_positions", None), self.n_tokens)
 
     def eval(self, tokens: Sequence[int]) -> None:
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)

@@ -187,3 +187,27 @@ def test_cli_run_show_routes(model, capsys):
     assert main(["run", str(model), "-p", "x", "--omega", "exact", "--sidecar",
                  str(model.with_name("missing.omega.gguf"))]) == 1
     assert "no Omega sidecar" in capsys.readouterr().err
+
+
+def test_llama_cache_restores_omega_state(model):
+    """llama-cpp-python's LlamaCache restores an earlier context with load_state; the Omega
+    state of its positions comes back with it instead of the last request's."""
+    from llama_cpp import LlamaRAMCache
+
+    llm = ZptrLlama(model, omega="exact", n_ctx=512)
+    llm.llm.set_cache(LlamaRAMCache())
+    loads = []
+    load_state = llm.llm.load_state
+    llm.llm.load_state = lambda state: (loads.append(state.n_tokens), load_state(state))
+    prompt = "The lighthouse keeper wrote in her log every evening"
+    first = llm.create_completion(prompt, max_tokens=8, temperature=0)
+    routes, n = list(llm.last_routes), llm.llm.n_tokens
+    hidden, phase = llm.track.snapshot(n)
+    llm.create_completion("Completely different words about cooking pasta and sauce", max_tokens=8,
+                          temperature=0)
+    again = llm.create_completion(prompt, max_tokens=8, temperature=0)
+    assert loads  # the cache did restore a saved context
+    np.testing.assert_array_equal(llm.track.hidden[:n], hidden)
+    np.testing.assert_array_equal(llm.track.phase[:n], phase)
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert llm.last_routes == routes

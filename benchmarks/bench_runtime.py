@@ -1,0 +1,131 @@
+"""Runtime benchmark: decode and prefill tokens/s of Omega fast / exact vs bare llama-cpp-python.
+
+One run, one process, the same q4_k_m GGUF for every path. Builds (once, in --workdir) a ZPTR
+checkpoint of the bundled SmolLM2-135M with a random soul and Omega router at the given gate,
+converts it with the project's converter to q4_k_m + sidecar, then measures, interleaving the
+paths round by round so a busy machine slows them alike:
+
+* bare: ``llama_cpp.Llama.create_completion`` (no embeddings, no processor),
+* off / fast / exact: ``ZptrLlama.create_completion`` with the Omega processor,
+
+each greedy, streaming, ``-n`` tokens after a ``-p``-token prompt: prefill = time to the first
+token, decode = the rest. Then greedy fast vs exact on 20 prompts x 64 tokens: equal output and
+the share of certified tokens. Prints figures; asserts nothing.
+
+    .venv/bin/python benchmarks/bench_runtime.py [--gate -5] [--rounds 3] [-n 128] [-p 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from convert import convert_model  # noqa: E402
+from runtime.engine import ZptrLlama  # noqa: E402
+from runtime.llama import open_llama  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "東京は日本の", "Once upon a time",
+    "The best way to learn a language", "import numpy as np\n", "Dear Sir or Madam,",
+    "In 1969, the first", "Water boils at", "Here is a haiku about autumn:",
+    "SELECT name FROM", "The mitochondria is", "私の趣味は", "To be or not to be",
+    "The quick brown fox", "A recipe for pancakes:", "function add(a, b) {",
+    "The theory of relativity", "My favourite colour is", "Q: What is 2+2?\nA:",
+]
+
+
+def build_model(workdir: Path, gate: float) -> Path:
+    """q4_k_m GGUF + sidecar of a random-head SmolLM2 checkpoint (cached per gate)."""
+    import torch
+
+    from zptr.checkpoint import save_checkpoint
+    from zptr.model import ZptrModel
+    from zptr.models import load_base_model, smollm2_hf_dir
+
+    target = workdir / f"smol-gate{gate:g}.q4_k_m.gguf"
+    if target.exists():
+        return target
+    torch.manual_seed(0)
+    zm = ZptrModel.from_base(load_base_model("bundled"))
+    with torch.no_grad():
+        zm.set_alpha(1.618)
+        zm.head.omega.gate.fill_(gate)
+    ckpt = save_checkpoint(workdir / f"ckpt-gate{gate:g}", zm.head, base_model=str(smollm2_hf_dir()),
+                           architecture="llama", step=450, overwrite=True)
+    return convert_model(ckpt, target, "q4_k_m", progress=False, overwrite=True).model_path
+
+
+def timed(create_completion, prompt: list[int], n_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one greedy streamed completion of exactly n tokens."""
+    start = time.perf_counter()
+    first, count = None, 0
+    for _ in create_completion(prompt, max_tokens=n_tokens, temperature=0.0, stream=True):
+        count += 1
+        first = first or time.perf_counter()
+    end = time.perf_counter()
+    return len(prompt) / (first - start), (count - 1) / (end - first)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench_runtime")
+    parser.add_argument("--gate", type=float, default=-5.0, help="omega (sigma(-5) = 0.0067)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("-n", "--n-gen", type=int, default=128)
+    parser.add_argument("-p", "--n-prompt", type=int, default=256)
+    parser.add_argument("-t", "--threads", type=int, default=None)
+    parser.add_argument("--equality-prompts", type=int, default=20)
+    parser.add_argument("--equality-tokens", type=int, default=64)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(args.workdir, args.gate)
+    n_ctx = args.n_prompt + args.n_gen + 16
+    common = dict(n_ctx=n_ctx, n_batch=512, n_threads=args.threads)
+    bare = open_llama(model, **common)
+    engines = {mode: ZptrLlama(model, omega=mode, **common) for mode in ("off", "fast", "exact")}
+    paths = {"bare": bare.create_completion,
+             **{mode: e.create_completion for mode, e in engines.items()}}
+    text = (ROOT / "tests" / "data" / "mixed_text.txt").read_text(encoding="utf-8") * 4
+    prompt = bare.tokenize(text.encode("utf-8"), add_bos=True)[: args.n_prompt]
+
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for _ in range(args.rounds + 1):  # the first round warms up and is dropped
+        for name, create in paths.items():
+            bare.reset()
+            for e in engines.values():
+                e.llm.reset()  # no prefix reuse between rounds: every prefill is full
+            results[name].append(timed(create, prompt, args.n_gen))
+    medians = {name: (statistics.median(r[0] for r in rows[1:]),
+                      statistics.median(r[1] for r in rows[1:]))
+               for name, rows in results.items()}
+
+    print(f"model {model.name}  sigma(omega) = {engines['fast'].router.gate:.4f}  "
+          f"prompt {len(prompt)} tokens, {args.n_gen} generated, {args.rounds} rounds (median)")
+    print(f"{'path':8} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode / bare':>14} "
+          f"{'prefill / bare':>15}")
+    for name, (prefill, decode) in medians.items():
+        print(f"{name:8} {prefill:14.1f} {decode:13.1f} {decode / medians['bare'][1]:14.3f} "
+              f"{prefill / medians['bare'][0]:15.3f}")
+    fast_stats = engines["fast"].stats
+    print(f"fast certified during timing: {fast_stats.certified} / "
+          f"{fast_stats.certified + fast_stats.fallback}")
+
+    fast_stats.reset()
+    prompts = (PROMPTS * 2)[: args.equality_prompts]
+    equal = sum(engines["fast"].generate(p, args.equality_tokens).tokens
+                == engines["exact"].generate(p, args.equality_tokens).tokens for p in prompts)
+    print(f"greedy fast == exact: {equal}/{len(prompts)} prompts x {args.equality_tokens} tokens; "
+          f"certified {fast_stats.certified}/{fast_stats.certified + fast_stats.fallback} "
+          f"({100 * fast_stats.certified_share:.1f} %)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

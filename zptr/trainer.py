@@ -403,7 +403,6 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) ->
     device = accelerator.device
 
     global_batch = cfg.batch_size * world * cfg.gradient_accumulation_steps
-    n_micro = cfg.gradient_accumulation_steps
     metrics_file = output_dir / METRICS_FILE
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -446,33 +445,13 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) ->
             model.set_alpha(alpha)
             indices = global_batch_indices(examples_seen, global_batch, len(data), cfg.seed)
             global_tokens = sum(data[i].label_count for i in indices)
-            # stats: [task CE sum, tokens seen, route counts...] summed over processes below
-            stats = torch.zeros(2 + len(CLUSTERS), device=device)
-            for m, micro in enumerate(_micro_batches(indices, world, rank, cfg.batch_size)):
-                batch = [data[i] for i in micro]
-                tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-                origin = _origin_batch(model, batch, pad_id, device)
-                sync = m == n_micro - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(ddp_model):
-                    out = ddp_model(input_ids=tensors["input_ids"],
-                                    attention_mask=tensors["attention_mask"], origin=origin)
-                    ce_sum = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(),
-                                             tensors["labels"][:, 1:].flatten(),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-                    ortho = model.head.orthogonality_loss()
-                    # DDP averages gradients over processes, hence the factor `world`.
-                    loss = (ce_sum * world / max(global_tokens, 1)
-                            + model.config.orthogonality_weight * ortho / n_micro)
-                    accelerator.backward(loss)
-                mask = tensors["attention_mask"].bool()
-                stats[0] += ce_sum.detach()
-                stats[1] += mask.sum()
-                stats[2:] += torch.bincount(out.routes[mask], minlength=len(CLUSTERS)).to(stats)
+            stats, ortho = _accumulate_gradients(ddp_model, model, accelerator, data, indices,
+                                                 global_tokens, cfg.batch_size, pad_id)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             examples_seen += global_batch
             stats = accelerator.reduce(stats, "sum") if world > 1 else stats
-            record = _metrics(step, stats, global_tokens, float(ortho.detach()), alpha, model,
+            record = _metrics(step, stats, global_tokens, ortho, alpha, model,
                               cfg.learning_rate, time.perf_counter() - started)
             if accelerator.is_main_process:
                 metrics_out.write(json.dumps(record) + "\n")
@@ -491,6 +470,41 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) ->
                 last_saved = save(step)
     bar.close()
     return last_saved
+
+
+def _accumulate_gradients(ddp_model: nn.Module, model: ZptrModel, accelerator, data: list,
+                          indices: list[int], global_tokens: int, batch_size: int, pad_id: int
+                          ) -> tuple[torch.Tensor, float]:
+    """Forward/backward of this process's micro-batches of one global batch.
+
+    Returns ([task CE sum, tokens, route counts...] of this process, orthogonality loss). The
+    task loss is normalised by the global token count, so gradients summed over micro-batches
+    and averaged by DDP over processes are the gradient of the global batch's mean loss.
+    """
+    world, device = accelerator.num_processes, accelerator.device
+    micro_batches = _micro_batches(indices, world, accelerator.process_index, batch_size)
+    stats = torch.zeros(2 + len(CLUSTERS), device=device)
+    for m, micro in enumerate(micro_batches):
+        batch = [data[i] for i in micro]
+        tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+        origin = _origin_batch(model, batch, pad_id, device)
+        last = m == len(micro_batches) - 1  # gradients are all-reduced once, after the last
+        with contextlib.nullcontext() if last else accelerator.no_sync(ddp_model):
+            out = ddp_model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                            origin=origin)
+            ce_sum = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(),
+                                     tensors["labels"][:, 1:].flatten(),
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            ortho = model.head.orthogonality_loss()
+            # DDP averages gradients over processes, hence the factor `world`.
+            loss = (ce_sum * world / max(global_tokens, 1)
+                    + model.config.orthogonality_weight * ortho / len(micro_batches))
+            accelerator.backward(loss)
+        mask = tensors["attention_mask"].bool()
+        stats[0] += ce_sum.detach()
+        stats[1] += mask.sum()
+        stats[2:] += torch.bincount(out.routes[mask], minlength=len(CLUSTERS)).to(stats)
+    return stats, float(ortho.detach())
 
 
 def _stop_requested(stop: dict, accelerator, device) -> bool:

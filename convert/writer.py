@@ -30,6 +30,7 @@ DIRECT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = 
 }
 # Numpy-native types; the others are encoded to bytes by gguf-py's quantizers.
 _NUMPY = {Q.F32: np.float32, Q.F16: np.float16}
+_QUANT_CHUNK = 16 << 20  # bytes of float32 rows quantized at once
 
 
 @contextlib.contextmanager
@@ -67,7 +68,13 @@ def tensor_type(tensor: GgufTensor, qtype: gguf.GGMLQuantizationType) -> gguf.GG
 def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     if qtype in _NUMPY:
         return np.ascontiguousarray(data, dtype=_NUMPY[qtype])
-    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    # gguf-py's quantizers make several full-size float temporaries: go through rows in chunks
+    # so the peak stays near the tensor itself.
+    rows = data.reshape(-1, data.shape[-1])
+    step = max(1, _QUANT_CHUNK // max(1, rows.shape[1] * 4))
+    parts = [gguf.quants.quantize(np.ascontiguousarray(rows[i:i + step], dtype=np.float32), qtype)
+             for i in range(0, rows.shape[0], step)]
+    return np.concatenate(parts).reshape(*data.shape[:-1], -1)
 
 
 def _declare(writer: gguf.GGUFWriter, tensor: GgufTensor, qtype: gguf.GGMLQuantizationType) -> None:

@@ -112,6 +112,15 @@ def test_resume_is_exact(tiny_dir, tmp_path):
     assert logged == list(range(1, 8))
 
 
+def test_gradient_accumulation_equals_the_larger_batch(tiny_dir, tmp_path):
+    """Loss normalised by the global token count: 2 x batch 1 accumulated == batch 2."""
+    settings = dict(max_steps=3, lora_dropout=0.0)
+    accumulated = train(quick(tiny_dir, tmp_path / "acc", batch_size=1, gradient_accumulation_steps=2,
+                              **settings))
+    batched = train(quick(tiny_dir, tmp_path / "batch", batch_size=2, **settings))
+    assert max_difference(accumulated, batched) <= 1e-5
+
+
 def run_cli(args, capsys):
     code = cli.main(["train", *map(str, args)])
     return code, capsys.readouterr()
@@ -162,7 +171,8 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_sigterm_saves_the_current_step_and_exits(tiny_dir, tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_the_current_step_and_exits(tiny_dir, tmp_path, signum, code):
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "zptr", "train", "--base-model", str(tiny_dir),
@@ -172,14 +182,15 @@ def test_sigterm_saves_the_current_step_and_exits(tiny_dir, tmp_path):
     try:
         wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 240,
                  "two training steps")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 143, stderr[-2000:]
+    assert proc.returncode == code, stderr[-2000:]
     [saved] = step_dirs(out)
     steps = len(metrics.read_text().splitlines())
-    assert load_checkpoint(saved).step == steps and "interrupted by SIGTERM" in stdout
+    assert load_checkpoint(saved).step == steps
+    assert f"interrupted by {signal.Signals(signum).name}" in stdout
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written
 
 

@@ -395,6 +395,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) ->
         start_step, examples_seen = resume.step, state["examples_seen"]
         if len(state["rng"]) == world:
             _set_rng_state(state["rng"][rank])
+        elif accelerator.is_main_process:
+            print(f"zptr train: {resume.path} holds RNG states of {len(state['rng'])} processes, this run "
+                  f"has {world}: continuing with fresh RNG (dropout differs from an unbroken run)")
 
     device_placement = not (cfg.load_in_4bit and torch.cuda.is_available())
     ddp_model = accelerator.prepare_model(model, device_placement=device_placement)

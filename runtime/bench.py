@@ -493,7 +493,7 @@ def markdown_table(document: dict[str, Any], rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[Row], path: Path) -> None:
+def plot(document: dict[str, Any], rows: Sequence[Row], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -517,7 +517,11 @@ def plot(rows: Sequence[Row], path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle("ZPTR: PyTorch path (orange) vs llama.cpp path (blue)")
+    s, m = document["settings"], document["machine"]
+    fig.suptitle("ZPTR: PyTorch path (orange) vs llama.cpp path (blue)\n"
+                 f"pp={s['n_prompt']} tg={s['n_gen']} r={s['repetitions']} t={s['threads']} · "
+                 f"{m['cpu']}, {m['nproc']} cores, load {m['load_average_1m']} · "
+                 f"bandwidth {document['bandwidth_gbs']:.1f} GB/s", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -546,7 +550,7 @@ def write_outputs(document: dict[str, Any], rows: Sequence[Row], output_dir: Pat
                   lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
     _atomic_write(output_dir / "bench.csv", write_csv)
     _atomic_write(output_dir / "bench.md", lambda tmp: tmp.write_text(table + "\n"))
-    _atomic_write(output_dir / "bench.png", lambda tmp: plot(rows, tmp))
+    _atomic_write(output_dir / "bench.png", lambda tmp: plot(document, rows, tmp))
 
 
 # ------------------------------------------------------------------------------ inputs

@@ -223,5 +223,5 @@ def main(args: argparse.Namespace) -> int:
     width = max(len(k) for k in outputs)
     for name, path in outputs.items():
         print(f"  {name:<{width}}  {path}")
-    print(f"\nnext: zptr run {ggufs['q4_k_m'][0]} -p \"...\" --omega fast")
+    print(f"\nnext: zptr run {ggufs['q4_k_m'][0]} -p \"...\" --omega fast --show-routes")
     return 0

@@ -17,7 +17,7 @@ from convert import convert_model
 from convert.inspect import describe_gguf, open_gguf, zptr_metadata
 from convert_fixtures import (MIXED_TEXT, compare, llama_logits, make_checkpoint, make_seed_checkpoint,
                               reference_model, save_tiny_with_tokenizer, sentencepiece_tokenizer, torch_logits)
-from zptr.testing import ARCHITECTURES
+from zptr.testing import ARCHITECTURES, save_tiny_model
 
 F32_KL = 1e-6
 N_TOKENS = 320
@@ -163,4 +163,49 @@ def test_sentencepiece_tokenization_matches_hf(tiny, sp_tokenizer, workdir):
     lines = [line for line in MIXED_TEXT.splitlines() if line and not line[0].isspace()]
     for text in [MIXED_TEXT, *lines]:
         expected = sp_tokenizer(text, add_special_tokens=False).input_ids
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected, text
+
+
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+SPLIT_THEN_BYTES = [{"type": "Split", "behavior": "Isolated", "invert": False},
+                    dict(BYTE_LEVEL, use_regex=False, trim_offsets=False)]
+
+
+def _pre_tokenizer_spec(name: str) -> dict:
+    """A tokenizer.json pre_tokenizer for each llama.cpp pre-tokenizer name the converter knows."""
+    from convert.vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT
+
+    split = {"qwen2": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT}
+    if name == "gpt-2":
+        return BYTE_LEVEL
+    if name == "smollm":
+        return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]}
+    steps = [dict(SPLIT_THEN_BYTES[0], pattern={"Regex": split[name]}), SPLIT_THEN_BYTES[1]]
+    return {"type": "Sequence", "pretokenizers": steps}
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "qwen2", "llama-bpe"])
+def test_bpe_pre_tokenizer_table(pre, workdir):
+    """The SmolLM2 vocabulary under each recognised pre-tokenizer: llama.cpp, told the name the
+    converter picked, splits text exactly like the HF tokenizer (numbers, spaces, newlines, CJK)."""
+    from transformers import AutoTokenizer
+
+    from runtime.llama import open_llama
+    from zptr.models import smollm2_hf_dir
+
+    source = smollm2_hf_dir()
+    tok_dir = workdir / f"bpe-{pre}"
+    tok_dir.mkdir()
+    spec = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["pre_tokenizer"] = _pre_tokenizer_spec(pre)
+    (tok_dir / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    (tok_dir / "tokenizer_config.json").write_text((source / "tokenizer_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    base = save_tiny_model("llama", workdir / f"bpe-{pre}-model", tokenizer=tokenizer)
+    result = convert_model(base, workdir / f"bpe-{pre}.gguf", "f32", progress=False)
+    assert open_gguf(result.model_path).get_field("tokenizer.ggml.pre").contents() == pre
+    llm = open_llama(result.model_path, vocab_only=True)
+    texts = [MIXED_TEXT, "Pi is 3.14159265, a year 2024, x=1000000;\n\n   indented   spaces\tand\ttabs  "]
+    for text in texts + MIXED_TEXT.splitlines():
+        expected = tokenizer(text, add_special_tokens=False).input_ids
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected, text

@@ -1,6 +1,6 @@
 """Training throughput and memory of ``zptr train`` on the bundled SmolLM2-135M.
 
-For full precision and 4-bit NF4, each run is a fresh subprocess (so its peak RSS is its own):
+For full precision, 4-bit NF4 and full precision with gradient checkpointing, each run is a fresh subprocess (so its peak RSS is its own):
 it trains ``--steps`` steps on the sample corpus and reports tokens/s (median over the steps
 after the first, which pays one-time costs) and its peak RSS, printed next to the
 ``--dry-run`` estimate for the same settings.
@@ -19,7 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-MODES = {"full precision": False, "4-bit NF4": True}
+# label -> TrainConfig settings of that mode
+MODES = {"full precision": {},
+         "4-bit NF4": {"load_in_4bit": True},
+         "full precision + gradient checkpointing": {"gradient_checkpointing": True}}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -31,7 +34,7 @@ def child(args: argparse.Namespace) -> None:
         cfg = TrainConfig(base_model=args.base_model, max_steps=args.steps, warmup_steps=2,
                           annealing_steps=args.steps, batch_size=args.batch_size,
                           max_length=args.max_length, save_steps=10 ** 9, output_dir=out,
-                          load_in_4bit=args.load_in_4bit, progress=False)
+                          progress=False, **json.loads(args.mode))
         train(cfg)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -46,7 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--load-in-4bit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -57,10 +60,10 @@ def main() -> None:
     if args.base_model == "bundled":
         smollm2_hf_dir()  # build the cached HF directory outside the timed children
     rows = []
-    for label, four_bit in MODES.items():
+    for label, settings in MODES.items():
         cmd = [sys.executable, __file__, "--child", "--base-model", args.base_model,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length)] + (["--load-in-4bit"] if four_bit else [])
+               "--max-length", str(args.max_length), "--mode", json.dumps(settings)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(f"{label}: training failed\n{result.stderr[-2000:]}")

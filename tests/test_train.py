@@ -121,6 +121,13 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_dir, tmp_path):
     assert max_difference(accumulated, batched) <= 1e-5
 
 
+def test_gradient_checkpointing_trains_the_same(tiny_dir, tmp_path):
+    settings = dict(max_steps=2, lora_dropout=0.0)
+    plain = train(quick(tiny_dir, tmp_path / "plain", **settings))
+    recomputed = train(quick(tiny_dir, tmp_path / "ckpt", gradient_checkpointing=True, **settings))
+    assert max_difference(plain, recomputed) <= 1e-6
+
+
 def run_cli(args, capsys):
     code = cli.main(["train", *map(str, args)])
     return code, capsys.readouterr()

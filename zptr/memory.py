@@ -132,7 +132,11 @@ def estimate(cfg) -> MemoryEstimate:
     est.parts["lora + head (trainable)"] = trainable * element
     est.parts["gradients"] = trainable * element
     est.parts["optimizer (AdamW)"] = ADAM_SLOTS * trainable * element
-    est.parts["activations"] = tokens * (layers * per_layer + head_elements) * element
+    if cfg.gradient_checkpointing:  # layer inputs kept; one layer's activations live at a time
+        layer_elements = layers * config.hidden_size + per_layer
+    else:
+        layer_elements = layers * per_layer
+    est.parts["activations"] = tokens * (layer_elements + head_elements) * element
     est.parts["logits + loss"] = tokens * logits_elements * element
     est.parts["runtime (python, torch, libraries)"] = RUNTIME_OVERHEAD
     est.details = {"architecture": architecture, "parameters": sum(p.numel() for p in model.parameters()),

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where step_NNNNNN/ checkpoints and metrics.jsonl go (default: the --resume checkpoint's "
              "directory, else zptr-output)")
     add("--load-in-4bit", action="store_true", help="bitsandbytes NF4 base with double quantisation")
+    add("--gradient-checkpointing", action="store_true",
+        help="recompute decoder layers in the backward pass: far less activation memory, ~30%% slower")
     add("--rotation", choices=ROTATION_KINDS, default=d.rotation)
     add("--routing", choices=ROUTING_MODES, default=d.routing)
     add("--lora-r", type=int, default=d.lora_r)

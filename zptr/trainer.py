@@ -88,6 +88,7 @@ class TrainConfig:
     save_steps: int = 100
     save_total_limit: Optional[int] = None
     load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
     rotation: str = "so8"
     routing: str = "threshold"
     lora_r: int = 16
@@ -164,6 +165,11 @@ def build_model(cfg: TrainConfig, head_config: Optional[ZptrConfig] = None) -> Z
     architecture = architecture_of(lm)
     if cfg.load_in_4bit:
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        # Recompute each decoder layer in the backward pass; the frozen embedding's output must
+        # require grad or the checkpointed layers would see no gradient path.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.enable_input_require_grads()
     targets = resolve_lora_targets(lm, architecture, cfg.lora_targets)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")

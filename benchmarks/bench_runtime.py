@@ -5,11 +5,12 @@ checkpoint of the bundled SmolLM2-135M with a random soul and Omega router at th
 converts it with the project's converter to q4_k_m + sidecar, then measures, interleaving the
 paths round by round so a busy machine slows them alike:
 
-* bare: ``llama_cpp.Llama.create_completion`` (no embeddings, no processor),
-* off / fast / exact: ``ZptrLlama.create_completion`` with the Omega processor,
+* bare: a plain ``llama_cpp.Llama`` (no embeddings, no processor),
+* off / fast / exact: ``ZptrLlama`` (embeddings on for fast / exact) with the Omega processor,
 
-each greedy, streaming, ``-n`` tokens after a ``-p``-token prompt: prefill = time to the first
-token, decode = the rest. Then greedy fast vs exact on 20 prompts x 64 tokens: equal output and
+each through llama-cpp-python's own ``Llama.generate`` token loop (what create_completion runs),
+greedy, ``-n`` tokens after a ``-p``-token prompt: prefill = time to the first token, decode =
+the rest. Then greedy fast vs exact on 20 prompts x 64 tokens: equal output and
 the share of certified tokens. Prints figures; asserts nothing.
 
     .venv/bin/python benchmarks/bench_runtime.py [--gate -5] [--rounds 3] [-n 128] [-p 256]
@@ -61,15 +62,32 @@ def build_model(workdir: Path, gate: float) -> Path:
     return convert_model(ckpt, target, "q4_k_m", progress=False, overwrite=True).model_path
 
 
-def timed(create_completion, prompt: list[int], n_tokens: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of one greedy streamed completion of exactly n tokens."""
+def timed(generator, prompt_len: int, n_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one greedy token generator drawn for n tokens."""
     start = time.perf_counter()
-    first, count = None, 0
-    for _ in create_completion(prompt, max_tokens=n_tokens, temperature=0.0, stream=True):
-        count += 1
+    first = None
+    for count, _ in enumerate(generator, 1):
         first = first or time.perf_counter()
+        if count == n_tokens:
+            break
     end = time.perf_counter()
-    return len(prompt) / (first - start), (count - 1) / (end - first)
+    return prompt_len / (first - start), (n_tokens - 1) / (end - first)
+
+
+def token_generators(bare, engines: dict) -> dict:
+    """name -> (prompt -> greedy token generator): llama-cpp-python's own ``Llama.generate``
+    loop for every path; the Omega paths add their logits processor, as create_completion does."""
+    from llama_cpp import LogitsProcessorList
+
+    def omega(engine):
+        def make(prompt):
+            processors = (LogitsProcessorList([engine.logits_processor(1)])
+                          if engine.omega_on else None)
+            return engine.llm.generate(prompt, temp=0.0, logits_processor=processors)
+        return make
+
+    return {"bare": lambda prompt: bare.generate(prompt, temp=0.0),
+            **{mode: omega(engine) for mode, engine in engines.items()}}
 
 
 def main() -> int:
@@ -90,8 +108,7 @@ def main() -> int:
     common = dict(n_ctx=n_ctx, n_batch=512, n_threads=args.threads)
     bare = open_llama(model, **common)
     engines = {mode: ZptrLlama(model, omega=mode, **common) for mode in ("off", "fast", "exact")}
-    paths = {"bare": bare.create_completion,
-             **{mode: e.create_completion for mode, e in engines.items()}}
+    paths = token_generators(bare, engines)
     text = (ROOT / "tests" / "data" / "mixed_text.txt").read_text(encoding="utf-8") * 4
     prompt = bare.tokenize(text.encode("utf-8"), add_bos=True)[: args.n_prompt]
 
@@ -101,7 +118,7 @@ def main() -> int:
             bare.reset()
             for e in engines.values():
                 e.llm.reset()  # no prefix reuse between rounds: every prefill is full
-            results[name].append(timed(create, prompt, args.n_gen))
+            results[name].append(timed(create(prompt), len(prompt), args.n_gen))
     medians = {name: (statistics.median(r[0] for r in rows[1:]),
                       statistics.median(r[1] for r in rows[1:]))
                for name, rows in results.items()}

@@ -180,7 +180,10 @@ class Corrector:
         the certificate keeps. ``keep`` = 1 for greedy; the sampler's top-k otherwise.
         """
         logits = np.asarray(logits, np.float32)
-        keep = max(1, min(int(keep), self.max_candidates))
+        keep = max(1, int(keep))
+        if keep > self.max_candidates:  # more tokens to certify than candidates allowed
+            self.stats.fallback += 1
+            return self.exact(logits, output)
         seeds = (np.array([int(np.argmax(logits))]) if keep == 1
                  else np.argpartition(logits, -keep)[-keep:])
         shift = self.gate * (self.matrix[seeds] @ output)

@@ -211,3 +211,20 @@ def test_llama_cache_restores_omega_state(model):
     np.testing.assert_array_equal(llm.track.phase[:n], phase)
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
     assert llm.last_routes == routes
+
+
+def test_sampling_fast_equals_exact_with_the_same_seed(fast, exact):
+    """With top-k sampling the certificate covers the sampler's top-k: same seed, same text."""
+    kwargs = dict(max_tokens=24, temperature=0.9, top_k=20, seed=11, repeat_penalty=1.1)
+    a = fast.create_completion("Here is a haiku about autumn:", **kwargs)
+    b = exact.create_completion("Here is a haiku about autumn:", **kwargs)
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("temperature, top_k, penalized, mirostat, expected", [
+    (0.0, 40, False, 0, 1), (0.0, 40, True, 0, 65), (0.8, 20, False, 0, 20),
+    (0.8, 20, True, 0, 84), (0.8, 0, False, 0, None), (0.8, 40, False, 2, None)])
+def test_sampling_keep(temperature, top_k, penalized, mirostat, expected):
+    from runtime.engine import sampling_keep
+
+    assert sampling_keep(temperature, top_k, penalized, mirostat) == expected

@@ -89,3 +89,14 @@ def test_fast_falls_back_when_the_bound_is_loose():
     fast = corrector.fast(logits, output)
     assert corrector.stats.fallback == 1 and corrector.stats.certified == 0
     np.testing.assert_allclose(fast, matrix @ output, atol=1e-5)
+
+
+def test_fast_refuses_to_certify_more_than_its_candidates():
+    rng = np.random.default_rng(3)
+    matrix = rng.standard_normal((1000, D)).astype(np.float32)
+    corrector = Corrector(matrix, 0.01, max_candidates=16)
+    logits = rng.standard_normal(1000).astype(np.float32)
+    output = np.tanh(rng.standard_normal(D)).astype(np.float32)
+    out = corrector.fast(logits, output, keep=40)
+    np.testing.assert_allclose(out, logits + np.float32(0.01) * (matrix @ output), atol=1e-6)
+    assert corrector.stats.fallback == 1

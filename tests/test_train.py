@@ -128,6 +128,17 @@ def test_gradient_checkpointing_trains_the_same(tiny_dir, tmp_path):
     assert max_difference(plain, recomputed) <= 1e-6
 
 
+def test_resume_needs_trainer_state(tiny_dir, tmp_path):
+    from zptr.checkpoint import save_checkpoint
+    from zptr.config import ZptrConfig
+    from zptr.head import ZptrHead
+
+    bare = save_checkpoint(tmp_path / "step_000003", ZptrHead(ZptrConfig(hidden_size=64)),
+                           base_model=str(tiny_dir), architecture="llama", step=3)
+    with pytest.raises(TrainError, match="cannot resume, trainer_state/ lacks optimizer.safetensors"):
+        train(quick(tiny_dir, tmp_path, resume=str(bare)))
+
+
 def run_cli(args, capsys):
     code = cli.main(["train", *map(str, args)])
     return code, capsys.readouterr()

@@ -41,19 +41,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "directory, else zptr-output)")
     add("--load-in-4bit", action="store_true", help="bitsandbytes NF4 base with double quantisation")
     add("--gradient-checkpointing", action="store_true",
-        help="recompute decoder layers in the backward pass: far less activation memory, ~30%% slower")
-    add("--rotation", choices=ROTATION_KINDS, default=d.rotation)
-    add("--routing", choices=ROUTING_MODES, default=d.routing)
-    add("--lora-r", type=int, default=d.lora_r)
-    add("--lora-alpha", type=int, default=d.lora_alpha)
-    add("--lora-dropout", type=float, default=d.lora_dropout)
+        help="recompute decoder layers in the backward pass: less activation memory, more compute")
+    add("--rotation", choices=ROTATION_KINDS, default=d.rotation,
+        help="soul rotation: D/8 SO(8) blocks or one dense orthogonal matrix (default %(default)s)")
+    add("--routing", choices=ROUTING_MODES, default=d.routing,
+        help="Omega router: hard thresholds or soft resonance weights (default %(default)s)")
+    add("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default %(default)s)")
+    add("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA scale numerator (default %(default)s)")
+    add("--lora-dropout", type=float, default=d.lora_dropout, help="(default %(default)s)")
     add("--lora-targets", type=_targets, default=None,
         help="comma-separated module names (default per architecture; phi3: qkv_proj,o_proj)")
     add("--origin", default=None, help="origin text for examples that carry none of their own")
-    add("--seed", type=int, default=d.seed)
+    add("--seed", type=int, default=d.seed, help="init, data order and dropout (default %(default)s)")
     add("--resume", default=None, metavar="DIR", help="continue exactly from a step_NNNNNN checkpoint")
     add("--save-total-limit", type=int, default=None, help="keep only the newest N checkpoints")
-    add("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
+    add("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps,
+        help="micro-batches per optimizer step (default %(default)s)")
     add("--skip-bad-lines", action="store_true", help="skip (and count) malformed data lines")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add("--dry-run", action="store_true",

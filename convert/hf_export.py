@@ -43,7 +43,20 @@ def _write_safetensors(path: Path, model: MergedModel, progress: bool) -> None:
             handle.write(model.tensor(name).contiguous().numpy().tobytes())
 
 
-def export_hf(model: MergedModel, tokenizer_dir: Path, out_dir: Path, overwrite: bool = False,
+def _copy_tokenizer(source: Path, out: Path) -> None:
+    """Tokenizer files of a HF directory, or the tokenizer of a GGUF base saved by transformers."""
+    source = Path(source)
+    if source.is_file():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name).save_pretrained(str(out))
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+
+
+def export_hf(model: MergedModel, tokenizer_source: Path, out_dir: Path, overwrite: bool = False,
               progress: bool = True) -> Path:
     """Write config, weights and tokenizer files to ``out_dir`` atomically."""
 
@@ -54,8 +67,6 @@ def export_hf(model: MergedModel, tokenizer_dir: Path, out_dir: Path, overwrite:
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_safetensors(tmp / "model.safetensors", model, progress)
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        _copy_tokenizer(tokenizer_source, tmp)
 
     return atomic_directory(Path(out_dir), write, overwrite=overwrite)

@@ -19,7 +19,7 @@ import torch
 
 from zptr.checkpoint import CONFIG_FILE, SEED_SOUL_FILE, Checkpoint, load_checkpoint, sha256_file
 from zptr.config import FORMAT_VERSION, SUPPORTED_ARCHITECTURES
-from zptr.models import load_base_model, load_tokenizer, resolve_model_path
+from zptr.models import load_base_model, resolve_model_path
 
 from .hf_export import export_hf as write_hf_export
 from .hparams import arch_params, write_hparams
@@ -46,7 +46,7 @@ class Source:
 
     model: MergedModel
     architecture: str
-    tokenizer_dir: Path
+    tokenizer_source: Path  # a HF directory, or a GGUF base file
     name: str
     metadata: dict[str, Any]  # zptr.* keys without the prefix
     checkpoint: Optional[Checkpoint] = None
@@ -66,19 +66,19 @@ def _architecture(config) -> str:
     return arch
 
 
-def _base(reference: PathLike, stack: contextlib.ExitStack):
-    """(weights, config, tokenizer dir) of a base model: HF dir, .gguf file or 'bundled'."""
+def _base(reference: PathLike):
+    """(weights, config, tokenizer source) of a base model: HF dir, .gguf file or 'bundled'.
+
+    A GGUF base is dequantised by transformers into memory (not streamed); its tokenizer keys are
+    taken from the GGUF itself, already in llama.cpp's form.
+    """
     from transformers import AutoConfig
 
     directory, gguf_file = resolve_model_path(reference)
     if gguf_file is None:
         return SafetensorsWeights(directory), AutoConfig.from_pretrained(str(directory)), directory
-    # A GGUF base is dequantised by transformers into memory (not streamed), its tokenizer saved
-    # as HF files so the vocabulary is converted the same way as for a HF directory.
     model = load_base_model(reference)
-    tokenizer_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zptr-tokenizer-")))
-    load_tokenizer(reference).save_pretrained(str(tokenizer_dir))
-    return StateDictWeights(model.state_dict()), model.config, tokenizer_dir
+    return StateDictWeights(model.state_dict()), model.config, directory / gguf_file
 
 
 def _checkpoint_sha256(ckpt: Checkpoint) -> str:
@@ -86,23 +86,23 @@ def _checkpoint_sha256(ckpt: Checkpoint) -> str:
     return sha256_file(ckpt.path / (CONFIG_FILE if ckpt.format == "zptr" else SEED_SOUL_FILE))
 
 
-def load_source(source: PathLike, base_model: Optional[PathLike], stack: contextlib.ExitStack) -> Source:
+def load_source(source: PathLike, base_model: Optional[PathLike]) -> Source:
     source = Path(source)
     is_checkpoint = source.is_dir() and ((source / CONFIG_FILE).exists() or (source / SEED_SOUL_FILE).exists())
     if not is_checkpoint:
         if not (source.is_dir() and (source / "config.json").is_file()):
             raise ConvertError(f"{source}: not a ZPTR checkpoint, a seed-format directory or a HF model directory")
-        weights, config, tokenizer_dir = _base(base_model or source, stack)
+        weights, config, tokenizer_source = _base(base_model or source)
         arch = _architecture(config)
         model = MergedModel(weights, config)
-        return Source(model, arch, tokenizer_dir, source.name,
+        return Source(model, arch, tokenizer_source, source.name,
                       {"format_version": FORMAT_VERSION, "soul.folded": False,
                        "source.base_model": str(base_model or source)})
     ckpt = load_checkpoint(source)
     reference = base_model or ckpt.base_model
     if not reference:
         raise ConvertError(f"{source}: the checkpoint records no base model; pass --base-model")
-    weights, config, tokenizer_dir = _base(reference, stack)
+    weights, config, tokenizer_source = _base(reference)
     arch = _architecture(config)
     if ckpt.architecture and ckpt.architecture != arch:
         raise ConvertError(f"{source}: checkpoint architecture {ckpt.architecture!r} != base model's {arch!r}")
@@ -125,7 +125,7 @@ def load_source(source: PathLike, base_model: Optional[PathLike], stack: context
     }
     if model.tied:
         metadata["soul.untied_embedding"] = True  # quantizers keep the embedding's tied precision
-    return Source(model, arch, tokenizer_dir, source.name, metadata, ckpt)
+    return Source(model, arch, tokenizer_source, source.name, metadata, ckpt)
 
 
 # Python type -> GGUF writer method; bool before int (bool is an int in Python).
@@ -166,7 +166,7 @@ def convert_model(source: PathLike, outfile: PathLike, outtype: str = "q4_k_m",
     _refuse_existing([outfile, export_dir], overwrite)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_single_thread())
-        src = load_source(source, base_model, stack)
+        src = load_source(source, base_model)
         sidecar_path = sidecar_path_for(outfile) if src.omega else None
         _refuse_existing([sidecar_path], overwrite)
         metadata = dict(src.metadata)
@@ -180,7 +180,7 @@ def convert_model(source: PathLike, outfile: PathLike, outtype: str = "q4_k_m",
             w.add_name(src.name)
             write_hparams(w, src.architecture, config, params)
             w.add_vocab_size(n_vocab)
-            write_vocab(w, src.tokenizer_dir, n_vocab)
+            write_vocab(w, src.tokenizer_source, n_vocab)
             write_zptr_keys(w, metadata)
 
         tensors = gguf_tensors(src.architecture, src.model, params)
@@ -198,5 +198,5 @@ def convert_model(source: PathLike, outfile: PathLike, outtype: str = "q4_k_m",
         if sidecar_path is not None:
             write_sidecar(sidecar_path, src.omega, src.checkpoint.config, outfile)
         if export_dir is not None:
-            write_hf_export(src.model, src.tokenizer_dir, export_dir, overwrite, progress)
+            write_hf_export(src.model, src.tokenizer_source, export_dir, overwrite, progress)
     return ConvertResult(outfile, sidecar_path, export_dir)

@@ -118,9 +118,27 @@ def _bpe(w: gguf.GGUFWriter, tokenizer_file: Path, n_vocab: int) -> None:
     w.add_token_types(types)
 
 
-def write_vocab(w: gguf.GGUFWriter, directory: Path, n_vocab: int) -> None:
-    """Tokenizer keys for the tokenizer files found in ``directory``."""
-    directory = Path(directory)
+def _from_gguf(w: gguf.GGUFWriter, path: Path, n_vocab: int) -> None:
+    """A GGUF base already holds llama.cpp's tokenizer: its ``tokenizer.*`` keys are copied as they are."""
+    reader = gguf.GGUFReader(str(path))
+    fields = {key: found for key, found in reader.fields.items() if key.startswith("tokenizer.")}
+    if "tokenizer.ggml.tokens" not in fields:
+        raise ConvertError(f"{path}: the GGUF base has no tokenizer")
+    n_tokens = len(fields["tokenizer.ggml.tokens"].data)
+    if n_tokens != n_vocab:
+        raise ConvertError(f"{path}: {n_tokens} tokens but the model has {n_vocab} embedding rows")
+    for key, found in fields.items():
+        kind = found.types[0]
+        sub_type = found.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, found.contents(), kind, sub_type)
+
+
+def write_vocab(w: gguf.GGUFWriter, source: Path, n_vocab: int) -> None:
+    """Tokenizer keys for the tokenizer files found in directory ``source`` (or a GGUF base file)."""
+    directory = Path(source)
+    if directory.is_file():
+        _from_gguf(w, directory, n_vocab)
+        return
     if (directory / "tokenizer.model").is_file():
         _sentencepiece(w, directory / "tokenizer.model", n_vocab)
         special = gguf.SpecialVocab(directory, load_merges=False, n_vocab=n_vocab)

@@ -209,3 +209,14 @@ def test_bpe_pre_tokenizer_table(pre, workdir):
     for text in texts + MIXED_TEXT.splitlines():
         expected = tokenizer(text, add_special_tokens=False).input_ids
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected, text
+
+
+def test_gguf_base_model(tiny, ids, workdir):
+    """--base-model a .gguf: transformers dequantises it, its tokenizer keys are carried over."""
+    base, ckpt = tiny("llama")
+    base_gguf = convert_model(base, workdir / "llama-base.gguf", "f32", progress=False).model_path
+    result = convert_model(ckpt, workdir / "from-gguf-base.gguf", "f32", base_model=base_gguf, progress=False)
+    figures = compare(torch_logits(reference_model(ckpt, base), ids), llama_logits(result.model_path, ids))
+    assert figures["top1"] == 1.0 and figures["mean_kl"] <= F32_KL
+    tokens = [open_gguf(p).get_field("tokenizer.ggml.tokens").contents() for p in (base_gguf, result.model_path)]
+    assert tokens[0] == tokens[1]

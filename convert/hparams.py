@@ -30,6 +30,7 @@ class ArchParams:
     n_head: int
     n_head_kv: int
     head_dim: int
+    rope_dims: int  # rotated dimensions per head (Phi-3: head_dim * partial_rotary_factor)
     rope: dict[str, Any] = field(default_factory=dict)  # the (full-attention) RoPE parameters
     rope_swa: dict[str, Any] = field(default_factory=dict)  # Gemma 3 sliding layers
 
@@ -48,9 +49,11 @@ def arch_params(arch: str, config) -> ArchParams:
     rope_swa: dict[str, Any] = {}
     if "full_attention" in rope:
         rope, rope_swa = dict(rope["full_attention"]), dict(rope.get("sliding_attention", {}))
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
     params = ArchParams(n_layer=config.num_hidden_layers, n_head=n_head,
                         n_head_kv=getattr(config, "num_key_value_heads", None) or n_head,
-                        head_dim=head_dim, rope=rope, rope_swa=rope_swa)
+                        head_dim=head_dim, rope_dims=int(head_dim * float(partial)), rope=rope,
+                        rope_swa=rope_swa)
     for kind in (params.rope, params.rope_swa):
         rope_type = kind.get("rope_type", kind.get("type", "default"))
         if kind and rope_type not in SUPPORTED_ROPE[arch]:
@@ -90,11 +93,6 @@ def _qwen2(w: gguf.GGUFWriter, config, params: ArchParams) -> None:
     _common(w, config, params)
 
 
-def _phi3_rope_dims(config, params: ArchParams) -> int:
-    factor = params.rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-    return int(params.head_dim * float(factor or 1.0))
-
-
 def _phi3_original_context(config, params: ArchParams) -> int:
     return int(params.rope.get("original_max_position_embeddings")
                or getattr(config, "original_max_position_embeddings", None)
@@ -103,7 +101,7 @@ def _phi3_original_context(config, params: ArchParams) -> int:
 
 def _phi3(w: gguf.GGUFWriter, config, params: ArchParams) -> None:
     _common(w, config, params)
-    w.add_rope_dimension_count(_phi3_rope_dims(config, params))
+    w.add_rope_dimension_count(params.rope_dims)
     # 0 tells llama.cpp "no sliding window", as for Phi-3.5 / Phi-4.
     w.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))
     if _rope_type(params.rope) != "longrope":
@@ -149,5 +147,8 @@ def rope_factor_tensors(arch: str, params: ArchParams) -> dict[str, np.ndarray]:
     out = {}
     for kind in ("long", "short"):
         values = np.asarray(params.rope[f"{kind}_factor"], dtype=np.float32)
+        if values.shape != (params.rope_dims // 2,):
+            raise ConvertError(f"phi3 LongRoPE {kind}_factor has {values.size} values, expected "
+                               f"{params.rope_dims // 2} (half the rotary dimensions)")
         out[f"rope_factors_{kind}.weight"] = values
     return out

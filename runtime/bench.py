@@ -38,7 +38,6 @@ import numpy as np
 from zptr.errors import ZptrError
 
 OMEGA_MODES = ("off", "fast", "exact")
-GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "mixed_text.txt"
 # Used when the repository's fixed text is not around (an installed package without tests/).
 FALLBACK_TEXT = (
@@ -177,17 +176,6 @@ def quality(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     return float(kl.mean()), float(top1)
 
 
-def timed(fn: Callable[[], int], repetitions: int) -> list[float]:
-    """tokens/s of ``fn`` (which returns the token count) over repetitions, after one warm-up."""
-    fn()
-    rates = []
-    for _ in range(repetitions):
-        start = time.perf_counter()
-        tokens = fn()
-        rates.append(tokens / (time.perf_counter() - start))
-    return rates
-
-
 # ------------------------------------------------------------------------------ the two paths
 #
 # Both backends expose the same interface (runtime.engine.ZptrLlama, runtime.reference.
@@ -233,7 +221,7 @@ def torch_omega(model, mode: str) -> Iterator[None]:
         model.head.omega = saved
 
 
-def open_torch(spec: dict, quality: bool) -> Iterator[tuple[str, Any, dict]]:
+def open_torch(spec: dict, scoring: bool) -> Iterator[tuple[str, Any, dict]]:
     import torch
 
     from runtime.reference import TorchReference
@@ -248,20 +236,20 @@ def open_torch(spec: dict, quality: bool) -> Iterator[tuple[str, Any, dict]]:
                 yield mode, runner, info
 
 
-def open_llama_path(spec: dict, quality: bool) -> Iterator[tuple[str, Any, dict]]:
+def open_llama_path(spec: dict, scoring: bool) -> Iterator[tuple[str, Any, dict]]:
     from runtime.engine import ZptrLlama
     from runtime.llama import POOLING_NONE
 
     # llama-cpp-python keeps a (n_ctx, n_vocab) float32 score array: size the context per pass
     # so the timed pass's RSS does not carry the long quality text's.
-    longest = len(spec["text"]) if quality else max(len(spec["prompt"]), spec["n_gen"] + 1)
+    longest = len(spec["text"]) if scoring else max(len(spec["prompt"]), spec["n_gen"] + 1)
     n_ctx = longest + 16
     n_batch = max(512, longest)
     info = {"bytes_per_token": gguf_decode_bytes(Path(spec["gguf"]))}
     for mode in spec["modes"]:
         # teacher_forced reads h_t of every token, which needs embeddings on in every mode; the
         # timed off mode stays plain llama.cpp (embeddings would make every prompt token an output).
-        extra = dict(embedding=True, pooling_type=POOLING_NONE) if quality and mode == "off" else {}
+        extra = dict(embedding=True, pooling_type=POOLING_NONE) if scoring and mode == "off" else {}
         engine = ZptrLlama(spec["gguf"], omega=mode, sidecar=spec["sidecar"], n_ctx=n_ctx,
                            n_batch=n_batch, n_ubatch=n_batch, n_threads=spec["threads"],
                            n_threads_batch=spec["threads"], **extra)

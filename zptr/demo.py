@@ -48,8 +48,8 @@ class Size:
 
 
 SIZES = {
-    "full": Size(steps=60, max_length=128, bench_paths=("torch-f32", "llama-f16", "llama-q4_k_m"),
-                 n_prompt=128, n_gen=64, repetitions=3, generate_tokens=48),
+    "full": Size(steps=40, max_length=96, bench_paths=("torch-f32", "llama-f16", "llama-q4_k_m"),
+                 n_prompt=64, n_gen=32, repetitions=2, generate_tokens=48),
     "quick": Size(steps=4, max_length=32, bench_paths=("torch-f32", "llama-q4_k_m"),
                   n_prompt=8, n_gen=4, repetitions=1, generate_tokens=8),
 }
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a reduced run (4 steps, tiny bench): a first look, or a test")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default 60; 4 with --quick)")
+                        help="training steps (default 40; 4 with --quick)")
     parser.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="prompt of the generation")
     parser.add_argument("-t", "--threads", type=int, default=0, help="threads (0: all cores)")
     parser.add_argument("--overwrite", action="store_true",

@@ -92,12 +92,12 @@ def load_source(source: PathLike, base_model: Optional[PathLike]) -> Source:
     if not is_checkpoint:
         if not (source.is_dir() and (source / "config.json").is_file()):
             raise ConvertError(f"{source}: not a ZPTR checkpoint, a seed-format directory or a HF model directory")
-        weights, config, tokenizer_source = _base(base_model or source)
-        arch = _architecture(config)
+        if base_model is not None:
+            raise ConvertError(f"{source} is a plain HF model directory: --base-model applies to checkpoints only")
+        weights, config, tokenizer_source = _base(source)
         model = MergedModel(weights, config)
-        return Source(model, arch, tokenizer_source, source.name,
-                      {"format_version": FORMAT_VERSION, "soul.folded": False,
-                       "source.base_model": str(base_model or source)})
+        return Source(model, _architecture(config), tokenizer_source, source.name,
+                      {"format_version": FORMAT_VERSION, "soul.folded": False, "source.base_model": str(source)})
     ckpt = load_checkpoint(source)
     reference = base_model or ckpt.base_model
     if not reference:

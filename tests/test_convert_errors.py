@@ -136,6 +136,8 @@ def test_bad_arguments(built, capsys):
     assert code == 1 and "unknown out type 'q9_z'" in err
     code, err = _run(["convert", work / "sp", "--outfile", work / "x5.gguf"], capsys)
     assert code == 1 and "not a ZPTR checkpoint" in err and not (work / "x5.gguf").exists()
+    code, err = _run(["convert", base, "--outfile", work / "x5.gguf", "--base-model", base], capsys)
+    assert code == 1 and "--base-model applies to checkpoints only" in err and not (work / "x5.gguf").exists()
 
 
 def test_existing_output_untouched_without_overwrite(built, capsys):

@@ -78,6 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace the outputs of an earlier demo in --output-dir")
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary sibling and a rename: no half-written file on an interrupt."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _stage(number: int, total: int, title: str) -> None:
     print(f"\n[{number}/{total}] {title}", flush=True)
 
@@ -152,7 +159,7 @@ def generate_stage(model_path: Path, prompt: str, max_tokens: int, threads: int,
              f"decode {result.decode_tps:.1f} tokens/s"]
     text = "\n".join(lines)
     print("    " + text.replace("\n", "\n    "), flush=True)
-    (output_dir / "generation.txt").write_text(text + "\n", encoding="utf-8")
+    _write_text(output_dir / "generation.txt", text + "\n")
     return {"text": result.text, "routes": result.route_names, "route_counts": histogram,
             "certified_share": certified, "decode_tps": result.decode_tps}
 
@@ -214,9 +221,7 @@ def main(args: argparse.Namespace) -> int:
     summary = {"timings_s": timings, "steps": steps, "quick": bool(args.quick),
                "outputs": {k: str(v) for k, v in outputs.items()}, "generation": generation,
                "bench_summary": bench["summary"]}
-    tmp = output_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, output_dir / SUMMARY_FILE)
+    _write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
     print(f"\ndone in {timings['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})")
     print("outputs:")

@@ -17,6 +17,7 @@ from .engine import OMEGA_MODES, Generation, ZptrLlama, collect
 # ANSI colours per route (BOUNDARY, DEPTH, PHASE, BASE); BASE stays uncoloured.
 ROUTE_COLOURS = {"BOUNDARY": "\033[31m", "DEPTH": "\033[34m", "PHASE": "\033[32m", "BASE": ""}
 RESET = "\033[0m"
+ROUTE_TAGS = {"BOUNDARY": "BND", "DEPTH": "DEP", "PHASE": "PHA", "BASE": "BAS"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--ctx-size", type=int, default=2048)
     parser.add_argument("-t", "--threads", type=int, default=None)
     parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
-    parser.add_argument("--no-color", action="store_true", help="route tags as [ROUTE] text")
+    parser.add_argument("--no-color", action="store_true", help="route tags as [BND] [DEP] [PHA] [BAS] before each token")
 
 
 def _render(piece: str, route: Optional[int], args: argparse.Namespace) -> str:
@@ -47,7 +48,7 @@ def _render(piece: str, route: Optional[int], args: argparse.Namespace) -> str:
         return piece
     name = CLUSTERS[route]
     if args.no_color:
-        return f"[{name[0]}]{piece}"
+        return f"[{ROUTE_TAGS[name]}]{piece}"
     colour = ROUTE_COLOURS[name]
     return f"{colour}{piece}{RESET}" if colour else piece
 

@@ -182,7 +182,9 @@ def test_cli_run_show_routes(model, capsys):
     assert main(["run", str(model), "-p", "Once upon a time", "-n", "6", "--show-routes",
                  "--no-color", "--origin", "a sailor"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.count("[") >= 6  # one route tag per token
+    from runtime.cli import ROUTE_TAGS
+
+    assert sum(captured.out.count(f"[{tag}]") for tag in ROUTE_TAGS.values()) == 6  # one per token
     assert "routes: BOUNDARY" in captured.err and "certified" in captured.err
     assert main(["run", str(model), "-p", "x", "--omega", "exact", "--sidecar",
                  str(model.with_name("missing.omega.gguf"))]) == 1

@@ -25,6 +25,7 @@ SIDECAR_KEY = "zptr.omega.sidecar"
 UNTIED_KEY = "zptr.soul.untied_embedding"
 # ftypes whose own tensor type is at least as precise as what llama.cpp gives an output matrix.
 _HIGH_PRECISION = ("f32", "f16", "bf16", "q8_0")
+_FLOAT_INPUTS = {"F32", "F16", "BF16"}
 
 
 def untied_embedding_type(outtype: str, n_embd: int) -> int | None:
@@ -101,6 +102,10 @@ def quantize_gguf(infile: Path, outfile: Path, outtype: str, overwrite: bool = F
     if infile.resolve() == outfile.resolve():
         raise ConvertError(f"{outfile}: the output must differ from the input")
     reader = open_gguf(infile)
+    quantized = sorted({t.tensor_type.name for t in reader.tensors} - _FLOAT_INPUTS)
+    if quantized:
+        raise ConvertError(f"{infile} already holds {', '.join(quantized)} tensors; llama.cpp re-quantizes only "
+                           "from f32/f16/bf16 (convert again with --outtype f32 or f16)")
     in_sidecar = sidecar_path_for(infile)
     sidecar = read_sidecar(in_sidecar) if in_sidecar.exists() else None
     out_sidecar = sidecar_path_for(outfile)

@@ -182,6 +182,9 @@ def test_quantize_repairs_sidecar_and_refuses_bad_files(built, capsys):
     assert info["file_type"] == "MOSTLY_Q8_0" and info["sidecar"]["paired"] is True
     assert info["zptr"]["omega.sidecar"] == "q.omega.gguf" and info["phase"] == "golden"
 
+    code, err = _run(["quantize", work / "q.gguf", work / "qq.gguf", "q4_0"], capsys)
+    assert code == 1 and "already holds Q8_0 tensors" in err and not (work / "qq.gguf").exists()
+
     truncated = work / "truncated.gguf"
     truncated.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     code, err = _run(["quantize", truncated, work / "t.gguf", "q4_0"], capsys)

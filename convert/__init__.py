@@ -3,7 +3,7 @@
 Public API: :func:`convert_model` (``zptr convert``) and :func:`quantize_gguf` (``zptr quantize``).
 """
 
-from .merge import ConvertError
+from .errors import ConvertError
 from .pipeline import ConvertResult, convert_model
 from .quantize import quantize_gguf
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
-from .merge import ConvertError
+from .errors import ConvertError
 
 # RoPE variants each family's llama.cpp graph reproduces; others are refused, not approximated.
 SUPPORTED_ROPE = {

@@ -10,7 +10,7 @@ import gguf
 
 from zptr.config import phase_status
 
-from .merge import ConvertError
+from .errors import ConvertError
 from .sidecar import SIDECAR_ARCH, SidecarError, check_pairing, read_sidecar, sidecar_path_for
 
 ZPTR_PREFIX = "zptr."
@@ -69,7 +69,7 @@ def describe_gguf(path: Path) -> dict[str, Any]:
                 "routing": sidecar.config.routing, "gate": sidecar.gate, "model_file": sidecar.model_file}
         try:
             check_pairing(sidecar, model, sidecar.hidden_size)
-            info["paired"] = model.exists()
+            info["paired"] = True
         except (SidecarError, FileNotFoundError) as err:
             info["paired"], info["reason"] = False, str(err)
         return info

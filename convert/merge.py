@@ -16,8 +16,9 @@ from typing import Iterator, Optional
 import torch
 from safetensors import safe_open
 
-from zptr.errors import ZptrError
 from zptr.head import fold_lm_head
+
+from .errors import ConvertError
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -26,10 +27,6 @@ FOLD_ROWS = 1024
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # PEFT options whose merge is not W += scale * B @ A: refused rather than merged wrongly.
 UNSUPPORTED_LORA_OPTIONS = ("use_dora", "fan_in_fan_out", "modules_to_save", "layers_to_transform")
-
-
-class ConvertError(ZptrError, ValueError):
-    """Bad converter input: the message names the file and the problem."""
 
 
 class SafetensorsWeights:

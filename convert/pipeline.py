@@ -21,9 +21,10 @@ from zptr.checkpoint import CONFIG_FILE, SEED_SOUL_FILE, Checkpoint, load_checkp
 from zptr.config import FORMAT_VERSION, SUPPORTED_ARCHITECTURES
 from zptr.models import load_base_model, resolve_model_path
 
+from .errors import ConvertError
 from .hf_export import export_hf as write_hf_export
 from .hparams import arch_params, write_hparams
-from .merge import EMBED, ConvertError, LoraAdapter, MergedModel, SafetensorsWeights, Soul, StateDictWeights
+from .merge import EMBED, LoraAdapter, MergedModel, SafetensorsWeights, Soul, StateDictWeights
 from .quantize import check_outtype, llama_quantize, untied_embedding_type
 from .sidecar import sidecar_path_for, write_sidecar
 from .tensors import GGUF_ARCHS, gguf_tensors
@@ -95,8 +96,8 @@ def load_source(source: PathLike, base_model: Optional[PathLike]) -> Source:
         if base_model is not None:
             raise ConvertError(f"{source} is a plain HF model directory: --base-model applies to checkpoints only")
         weights, config, tokenizer_source = _base(source)
-        model = MergedModel(weights, config)
-        return Source(model, _architecture(config), tokenizer_source, source.name,
+        arch = _architecture(config)
+        return Source(MergedModel(weights, config), arch, tokenizer_source, source.name,
                       {"format_version": FORMAT_VERSION, "soul.folded": False, "source.base_model": str(source)})
     ckpt = load_checkpoint(source)
     reference = base_model or ckpt.base_model

@@ -16,8 +16,8 @@ import gguf
 
 from zptr.config import ZptrConfig
 
+from .errors import ConvertError
 from .inspect import field_value, open_gguf
-from .merge import ConvertError
 from .sidecar import read_sidecar, sidecar_path_for, write_sidecar
 from .writer import atomic_output
 

@@ -16,8 +16,9 @@ import gguf
 import numpy as np
 import torch
 
+from .errors import ConvertError
 from .hparams import ArchParams, rope_factor_tensors
-from .merge import ConvertError, MergedModel
+from .merge import MergedModel
 
 GGUF_ARCHS: dict[str, gguf.MODEL_ARCH] = {
     "llama": gguf.MODEL_ARCH.LLAMA,

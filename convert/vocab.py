@@ -14,7 +14,7 @@ from typing import Any
 
 import gguf
 
-from .merge import ConvertError
+from .errors import ConvertError
 
 # llama.cpp pre-tokenizer names keyed by the HF pre-tokenizer they reproduce, each step as
 # (type, the setting that distinguishes it). Regexes are those of the published tokenizers.

@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from .merge import ConvertError
+from .errors import ConvertError
 from .tensors import GgufTensor
 
 Q = gguf.GGMLQuantizationType

@@ -31,7 +31,7 @@ def tiny_dir(tmp_path_factory, smollm2_tokenizer):
 
 
 def quick(tiny_dir, out, **overrides) -> TrainConfig:
-    settings = dict(base_model=str(tiny_dir), output_dir=str(out), max_steps=4, warmup_steps=1,
+    settings = dict(base_model=str(tiny_dir), output_dir=out and str(out), max_steps=4, warmup_steps=1,
                     annealing_steps=2, batch_size=2, max_length=32, save_steps=100, progress=False)
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -91,7 +91,8 @@ def test_resume_is_exact(tiny_dir, tmp_path):
     """6 steps + resume to 12 equals 12 uninterrupted steps (dropout on: RNG restored too)."""
     settings = dict(warmup_steps=2, annealing_steps=6, origin="a default origin text")
     train(quick(tiny_dir, tmp_path / "a", max_steps=6, **settings))
-    resumed = train(quick(tiny_dir, tmp_path / "a", max_steps=12,
+    # No --base-model and no --output-dir: both come from the checkpoint.
+    resumed = train(quick(tiny_dir, None, max_steps=12, base_model=None,
                           resume=str(tmp_path / "a" / "step_000006"), **settings))
     straight = train(quick(tiny_dir, tmp_path / "b", max_steps=12, **settings))
     assert max_difference(resumed, straight) <= 1e-6

@@ -40,7 +40,7 @@ def _meta_model(cfg):
 
     from .models import resolve_model_path
 
-    directory, gguf_file = resolve_model_path(cfg.base_model)
+    directory, gguf_file = resolve_model_path(cfg.base_model or "bundled")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     config = AutoConfig.from_pretrained(str(directory), **kwargs)
     with torch.device("meta"):

@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = _DEFAULTS
     add = parser.add_argument
     # The seed's flag names.
-    add("--base-model", default=d.base_model,
-        help="HF model directory, .gguf file, or 'bundled' (SmolLM2-135M-Instruct; default)")
+    add("--base-model", default=None,
+        help="HF model directory, .gguf file, or 'bundled' (SmolLM2-135M-Instruct); default: the "
+             "--resume checkpoint's base model, else bundled")
     add("--max-steps", type=int, default=d.max_steps, help="optimizer steps (default %(default)s)")
     add("--warmup-steps", type=int, default=d.warmup_steps,
         help="steps with alpha held at -5 (default %(default)s)")
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint every N steps, and at the end (default %(default)s)")
     # Ours.
     add("--data", default=None,
-        help="JSONL: {'text'} or {'messages'} per line, optional 'origin' (default: bundled sample corpus)")
+        help="JSONL: {'text'} or {'messages'} per line, optional 'origin' (default: the --resume "
+             "checkpoint's data, else the bundled sample corpus)")
     add("--output-dir", default=None,
         help="where step_NNNNNN/ checkpoints and metrics.jsonl go (default: the --resume checkpoint's "
              "directory, else zptr-output)")

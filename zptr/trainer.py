@@ -24,7 +24,7 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -75,7 +75,7 @@ class TrainingInterrupted(ZptrError):
 
 @dataclass
 class TrainConfig:
-    base_model: str = "bundled"
+    base_model: Optional[str] = None  # default: the resumed checkpoint's base model, else bundled
     data: Optional[str] = None  # None: the bundled sample corpus
     output_dir: Optional[str] = None  # default: the resumed checkpoint's directory, else zptr-output
     max_steps: int = 500
@@ -364,10 +364,14 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) ->
         if resume.step >= cfg.max_steps:
             raise TrainError(f"{resume.path} is at step {resume.step}; --max-steps {cfg.max_steps} "
                              "leaves nothing to train")
+        # Unless told otherwise, continue on the checkpoint's own base model and data.
+        cfg = replace(cfg, base_model=cfg.base_model or resume.base_model,
+                      data=cfg.data or state["config"]["data"])
     elif step_dirs(output_dir):
         raise TrainError(f"{output_dir} already holds checkpoints ({step_dirs(output_dir)[-1].name}); "
                          "pass --resume or choose another --output-dir")
 
+    cfg = replace(cfg, base_model=cfg.base_model or "bundled")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # Without a GPU, accelerate only joins torchrun's processes into one gloo group when told
     # to use the CPU; otherwise each would silently train alone.

@@ -56,6 +56,23 @@ def test_lora_targets_resolve_per_architecture():
         resolve_lora_targets(phi3, "phi3", ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+@pytest.mark.parametrize("arch, rotation, routing", [
+    ("phi3", "dense", "resonance"), ("qwen2", "so8", "resonance"), ("gemma3_text", "dense", "threshold")])
+def test_every_architecture_rotation_and_routing_trains(tmp_path, smollm2_tokenizer, arch, rotation,
+                                                        routing):
+    base = save_tiny_model(arch, tmp_path / arch, tokenizer=smollm2_tokenizer)
+    final = train(quick(base, tmp_path / "run", max_steps=2, batch_size=1, rotation=rotation,
+                        routing=routing))
+    ckpt = load_checkpoint(final)
+    assert (ckpt.architecture, ckpt.config.rotation, ckpt.config.omega.routing) == (arch, rotation, routing)
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == sorted(resolve_lora_targets(tiny_model(arch), arch))
+    # Only the router of the chosen mode trains (the other is frozen, so DDP sees no unused parameter).
+    trained = json.loads((final / "trainer_state" / "trainer_state.json").read_text())["parameters"]
+    used, unused = ("resonance_linear", "boundary") if routing == "resonance" else ("boundary", "resonance_linear")
+    assert any(f"omega.{used}." in n for n in trained) and not any(f"omega.{unused}." in n for n in trained)
+
+
 def test_micro_batches_split_the_global_batch_exactly():
     indices = list(range(12))  # 2 processes x 3 accumulation steps x batch 2
     shards = [_micro_batches(indices, world=2, rank=r, batch_size=2) for r in range(2)]

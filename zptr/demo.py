@@ -48,8 +48,8 @@ class Size:
 
 
 SIZES = {
-    "full": Size(steps=40, max_length=96, bench_paths=("torch-f32", "llama-f16", "llama-q4_k_m"),
-                 n_prompt=64, n_gen=32, repetitions=2, generate_tokens=48),
+    "full": Size(steps=40, max_length=96, bench_paths=("torch-f32", "llama-q4_k_m"),
+                 n_prompt=32, n_gen=16, repetitions=2, generate_tokens=48),
     "quick": Size(steps=4, max_length=32, bench_paths=("torch-f32", "llama-q4_k_m"),
                   n_prompt=8, n_gen=4, repetitions=1, generate_tokens=8),
 }

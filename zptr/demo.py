@@ -5,7 +5,7 @@
    the soul reaches golden;
 3. conversion of the final checkpoint to f16 and q4_k_m GGUF, each with its Omega sidecar;
 4. a generation on llama.cpp with Omega fast and each token's route shown;
-5. a short bench (PyTorch float32 vs the two GGUFs, Omega off / fast / exact);
+5. a short bench (PyTorch float32 vs llama.cpp q4_k_m, Omega off / fast / exact);
 6. where every output went (also in ``demo.json``).
 """
 

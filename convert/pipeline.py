@@ -9,6 +9,7 @@ paired with the final model file.
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,8 @@ def convert_model(source: PathLike, outfile: PathLike, outtype: str = "q4_k_m",
             intermediate = write_gguf(work / "f32.gguf", arch_name, write_keys, tensors, "f32", progress=progress)
             untied = src.model.tied and src.model.folded
             embedding_type = untied_embedding_type(outtype, config.hidden_size) if untied else None
+            if progress:
+                print(f"quantizing {outfile.name} to {outtype} with llama.cpp", file=sys.stderr, flush=True)
             with atomic_output(outfile, overwrite) as tmp:
                 llama_quantize(intermediate, tmp, outtype, embedding_type=embedding_type)
         if sidecar_path is not None:

@@ -222,3 +222,15 @@ def test_gguf_base_model(tiny, ids, workdir):
     assert figures["top1"] == 1.0 and figures["mean_kl"] <= F32_KL
     tokens = [open_gguf(p).get_field("tokenizer.ggml.tokens").contents() for p in (base_gguf, result.model_path)]
     assert tokens[0] == tokens[1]
+
+
+def test_gemma3_sliding_window_pattern(workdir, ids):
+    """A full-attention layer after a sliding one: llama.cpp must take the per-layer pattern from
+    the file (its built-in default would make both layers sliding, 64 tokens, and diverge)."""
+    base = save_tiny_with_tokenizer("gemma3_text", workdir / "gemma-pattern" / "base", workdir / "sp",
+                                    layer_types=["sliding_attention", "full_attention"])
+    ckpt = make_checkpoint(base, workdir / "gemma-pattern" / "ckpt", "gemma3_text", omega=False)
+    result = convert_model(ckpt, workdir / "gemma-pattern" / "model.gguf", "f32", progress=False)
+    figures = compare(torch_logits(reference_model(ckpt, base), ids), llama_logits(result.model_path, ids))
+    print("gemma3 pattern", figures)
+    assert figures["top1"] == 1.0 and figures["mean_kl"] <= F32_KL

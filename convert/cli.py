@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 from pathlib import Path
 
 from .pipeline import convert_model
 from .quantize import QUANT_TYPES
+from .writer import unwind_on_sigterm
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,13 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _interrupt(signum, frame) -> None:
-    # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed on the way out.
-    raise KeyboardInterrupt
-
-
 def main(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
+    unwind_on_sigterm()
     result = convert_model(Path(args.source), Path(args.outfile), args.outtype, base_model=args.base_model,
                            overwrite=args.overwrite, export_hf=args.export_hf, progress=not args.no_progress)
     print(f"wrote {result.model_path}")

@@ -19,7 +19,7 @@ from zptr.config import ZptrConfig
 from .errors import ConvertError
 from .inspect import field_value, open_gguf
 from .sidecar import read_sidecar, sidecar_path_for, write_sidecar
-from .writer import atomic_output
+from .writer import atomic_output, unwind_on_sigterm
 
 SIDECAR_KEY = "zptr.omega.sidecar"
 UNTIED_KEY = "zptr.soul.untied_embedding"
@@ -134,6 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    unwind_on_sigterm()
     out = quantize_gguf(Path(args.infile), Path(args.outfile), args.type, overwrite=args.overwrite)
     print(f"wrote {out}")
     sidecar = sidecar_path_for(out)

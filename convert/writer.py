@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,6 +32,15 @@ DIRECT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = 
 # Numpy-native types; the others are encoded to bytes by gguf-py's quantizers.
 _NUMPY = {Q.F32: np.float32, Q.F16: np.float16}
 _QUANT_CHUNK = 16 << 20  # bytes of float32 rows quantized at once
+
+
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so temporary outputs are removed on the way out."""
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @contextlib.contextmanager

@@ -49,16 +49,17 @@ def save_tiny_with_tokenizer(arch: str, directory: Path, tokenizer_dir: Path, **
 
 
 def make_checkpoint(base_dir: Path, out_dir: Path, arch: str, rotation: str = "so8", omega: bool = True,
-                    seed: int = 0, lora_alpha: int = 8) -> Path:
+                    seed: int = 0, lora_alpha: int = 8, **lora_options) -> Path:
     """A checkpoint whose every part matters: alpha = 1.618, a far-from-identity rotation, a LoRA
-    adapter with random non-zero B, and (optionally) an Omega router with a large gate."""
+    adapter with random non-zero B, and (optionally) an Omega router with a large gate.
+    ``lora_options`` go to PEFT's LoraConfig (use_rslora, rank_pattern, ...)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     lora = LoraConfig(r=4, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS[arch],
-                      init_lora_weights=False)
+                      init_lora_weights=False, **lora_options)
     peft_model = get_peft_model(base, lora)
     with torch.no_grad():  # PEFT's random init of B is tiny; scale it so the merge moves logits
         for name, param in peft_model.named_parameters():

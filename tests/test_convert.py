@@ -234,3 +234,13 @@ def test_gemma3_sliding_window_pattern(workdir, ids):
     figures = compare(torch_logits(reference_model(ckpt, base), ids), llama_logits(result.model_path, ids))
     print("gemma3 pattern", figures)
     assert figures["top1"] == 1.0 and figures["mean_kl"] <= F32_KL
+
+
+def test_lora_scaling_options_match_peft(workdir, ids):
+    """rsLoRA and per-module rank/alpha patterns merge with PEFT's own scale."""
+    base = save_tiny_with_tokenizer("qwen2", workdir / "lora-options" / "base", workdir / "sp")
+    ckpt = make_checkpoint(base, workdir / "lora-options" / "ckpt", "qwen2", omega=False, use_rslora=True,
+                           rank_pattern={"k_proj": 8}, alpha_pattern={"v_proj": 32})
+    result = convert_model(ckpt, workdir / "lora-options" / "model.gguf", "f32", progress=False)
+    figures = compare(torch_logits(reference_model(ckpt, base), ids), llama_logits(result.model_path, ids))
+    assert figures["top1"] == 1.0 and figures["mean_kl"] <= F32_KL

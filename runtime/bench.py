@@ -3,7 +3,7 @@
 In the spirit of llama-bench: prefill (``-p N`` prompt tokens in one batch) and decode (``-n N``
 tokens one at a time with the KV cache, greedy) with ``-r`` repetitions after one warm-up, median
 and standard deviation of tokens/s. Every path (backend + weight type) runs in its own
-subprocess, so its peak RSS is its own. Quality columns compare each path's logits on a fixed
+subprocess, so its peak RSS is its own; within a path the Omega modes' repetitions interleave. Quality columns compare each path's logits on a fixed
 text with the PyTorch float32 ZPTR head in the same Omega mode (mean KL(reference || path),
 top-1 agreement). The roofline column divides the machine's measured memory bandwidth by the
 weight bytes a decoded token reads: decode is memory-bound, so that is the ceiling.
@@ -181,7 +181,8 @@ def quality(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
 # Both backends expose the same interface (runtime.engine.ZptrLlama, runtime.reference.
 # TorchReference): ``generate(tokens, max_tokens, temperature=0)`` timed into prefill and decode,
 # and ``teacher_forced(tokens)`` giving the ZPTR logits of every position. A backend's ``open``
-# yields one such runner per Omega mode.
+# is a context holding one such runner per Omega mode, all at once, so the repetitions of the
+# modes interleave and a busy machine slows them alike.
 
 
 def load_torch_path(checkpoint: Path, kind: str, threads: int):
@@ -221,48 +222,61 @@ def torch_omega(model, mode: str) -> Iterator[None]:
         model.head.omega = saved
 
 
-def open_torch(spec: dict, scoring: bool) -> Iterator[tuple[str, Any, dict]]:
-    import torch
+class TorchMode:
+    """The PyTorch reference in one Omega mode (the model is shared between modes)."""
 
+    def __init__(self, reference, mode: str):
+        self.reference, self.mode = reference, mode
+
+    def _call(self, method: str, *args: Any, **kwargs: Any):
+        import torch
+
+        with torch.inference_mode(), torch_omega(self.reference.model, self.mode):
+            return getattr(self.reference, method)(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        return self._call("generate", *args, **kwargs)
+
+    def teacher_forced(self, tokens: Sequence[int]):
+        return self._call("teacher_forced", tokens)
+
+
+@contextlib.contextmanager
+def open_torch(spec: dict, scoring: bool) -> Iterator[tuple[dict, dict]]:
     from runtime.reference import TorchReference
     from zptr.models import load_tokenizer
 
     model, ckpt = load_torch_path(Path(spec["checkpoint"]), spec["kind"], spec["threads"])
-    runner = TorchReference(model, load_tokenizer(ckpt.base_model))
-    info = {"bytes_per_token": torch_decode_bytes(model)}
-    with torch.inference_mode():
-        for mode in spec["modes"]:
-            with torch_omega(model, mode):
-                yield mode, runner, info
+    reference = TorchReference(model, load_tokenizer(ckpt.base_model))
+    yield ({mode: TorchMode(reference, mode) for mode in spec["modes"]},
+           {"bytes_per_token": torch_decode_bytes(model)})
 
 
-def open_llama_path(spec: dict, scoring: bool) -> Iterator[tuple[str, Any, dict]]:
+@contextlib.contextmanager
+def open_llama_path(spec: dict, scoring: bool) -> Iterator[tuple[dict, dict]]:
     from runtime.engine import ZptrLlama
     from runtime.llama import POOLING_NONE
 
     # llama-cpp-python keeps a (n_ctx, n_vocab) float32 score array: size the context per pass
     # so the timed pass's RSS does not carry the long quality text's.
     longest = len(spec["text"]) if scoring else max(len(spec["prompt"]), spec["n_gen"] + 1)
-    n_ctx = longest + 16
     n_batch = max(512, longest)
-    info = {"bytes_per_token": gguf_decode_bytes(Path(spec["gguf"]))}
-    for mode in spec["modes"]:
-        # teacher_forced reads h_t of every token, which needs embeddings on in every mode; the
-        # timed off mode stays plain llama.cpp (embeddings would make every prompt token an output).
-        extra = dict(embedding=True, pooling_type=POOLING_NONE) if scoring and mode == "off" else {}
-        engine = ZptrLlama(spec["gguf"], omega=mode, sidecar=spec["sidecar"], n_ctx=n_ctx,
-                           n_batch=n_batch, n_ubatch=n_batch, n_threads=spec["threads"],
-                           n_threads_batch=spec["threads"], **extra)
-        try:
-            yield mode, engine, info
-            if mode == "fast":
-                info["certified_share"] = engine.stats.certified_share
-        finally:
-            engine.close()
+    with contextlib.ExitStack() as stack:
+        runners = {}
+        for mode in spec["modes"]:
+            # teacher_forced reads h_t of every token, which needs embeddings on in every mode;
+            # the timed off mode stays plain llama.cpp (embeddings make every prompt token an
+            # output).
+            extra = dict(embedding=True, pooling_type=POOLING_NONE) if scoring and mode == "off" else {}
+            runners[mode] = ZptrLlama(spec["gguf"], omega=mode, sidecar=spec["sidecar"],
+                                      n_ctx=longest + 16, n_batch=n_batch, n_ubatch=n_batch,
+                                      n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                                      **extra)
+            stack.callback(runners[mode].close)
+        yield runners, {"bytes_per_token": gguf_decode_bytes(Path(spec["gguf"]))}
 
 
-BACKENDS: dict[str, Callable[[dict, bool], Iterator[tuple[str, Any, dict]]]] = {
-    "torch": open_torch, "llama": open_llama_path}
+BACKENDS: dict[str, Callable[[dict, bool], Any]] = {"torch": open_torch, "llama": open_llama_path}
 
 
 def fresh_generate(runner) -> Callable[..., Any]:
@@ -284,24 +298,25 @@ def run_path(spec: dict) -> dict:
     prompt, start, n_gen = spec["prompt"], spec["prompt"][:1], spec["n_gen"]
     greedy = dict(temperature=0.0, stop_at_eos=False)
     modes: dict[str, dict] = {m: {"prefill": [], "decode": []} for m in spec["modes"]}
-    info: dict = {}
-    if spec["timing"]:
-        for mode, runner, info in BACKENDS[spec["backend"]](spec, False):
-            entry = modes[mode]
-            generate = fresh_generate(runner)
-            generate(prompt, max_tokens=2, **greedy)  # warm-up
+    with BACKENDS[spec["backend"]](spec, False) as (runners, info):
+        if spec["timing"]:
+            generates = {mode: fresh_generate(runner) for mode, runner in runners.items()}
+            for generate in generates.values():
+                generate(prompt, max_tokens=2, **greedy)  # warm-up
             for _ in range(spec["repetitions"]):
-                entry["prefill"].append(len(prompt) / generate(prompt, 1, **greedy).prefill_s)
-                run = generate(start, n_gen + 1, **greedy)
-                entry["decode"].append(run.decode_tps)
-            entry["tokens"] = run.tokens
-        if "certified_share" in info:
-            modes["fast"]["certified_share"] = info.pop("certified_share")
-    peak = peak_rss_mb()
-    for mode, runner, info in BACKENDS[spec["backend"]](spec, True):
-        np.save(Path(spec["workdir"]) / f"{spec['name']}.{mode}.npy",
-                runner.teacher_forced(spec["text"])[0])
-    info.pop("certified_share", None)
+                for mode, generate in generates.items():
+                    entry = modes[mode]
+                    entry["prefill"].append(len(prompt) / generate(prompt, 1, **greedy).prefill_s)
+                    run = generate(start, n_gen + 1, **greedy)
+                    entry["decode"].append(run.decode_tps)
+                    entry["tokens"] = run.tokens
+            if "fast" in runners:
+                modes["fast"]["certified_share"] = runners["fast"].stats.certified_share
+        peak = peak_rss_mb()
+    with BACKENDS[spec["backend"]](spec, True) as (runners, _):
+        for mode, runner in runners.items():
+            np.save(Path(spec["workdir"]) / f"{spec['name']}.{mode}.npy",
+                    runner.teacher_forced(spec["text"])[0])
     return {"modes": modes, "peak_rss_mb": peak, **info}
 
 

@@ -120,8 +120,8 @@ def test_fast_choice_equals_exact_on_20_prompts_64_tokens(fast):
 
 
 def test_fast_and_exact_generate_the_same_text(fast, exact):
-    for prompt in PROMPTS[:3]:
-        a, b = fast.generate(prompt, 48), exact.generate(prompt, 48)
+    for prompt in PROMPTS[:2]:
+        a, b = fast.generate(prompt, 32), exact.generate(prompt, 32)
         assert a.tokens == b.tokens and a.routes == b.routes
 
 

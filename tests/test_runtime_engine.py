@@ -174,6 +174,11 @@ def test_sidecar_of_another_model_or_size_is_refused(model, tmp_path):
     not_gguf.write_bytes(b"nope")
     with pytest.raises(ModelLoadError, match="not a GGUF"):
         ZptrLlama(not_gguf, omega="off")
+    truncated = tmp_path / "t.gguf"
+    with open(smollm2_gguf_path(), "rb") as handle:
+        truncated.write_bytes(handle.read(1 << 20))
+    with pytest.raises(ModelLoadError, match="could not load"):
+        ZptrLlama(truncated, omega="off")
 
 
 def test_cli_run_show_routes(model, capsys):

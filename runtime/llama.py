@@ -118,55 +118,63 @@ class HiddenLlama(llama_cpp.Llama):
 
     def eval(self, tokens: Sequence[int]) -> None:
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
-        n_embd = self.n_embd()
+        # Embeddings mode needs every token as an output (llama.cpp would override anyway);
+        # decode_all asks for every token's logits too.
+        outputs_all = (self._logits_all or self._outputs_all
+                       or bool(self.context_params.embeddings))
         for i in range(0, len(tokens), self.n_batch):
             batch = tokens[i : min(len(tokens), i + self.n_batch)]
             n_past, n_tokens = self.n_tokens, len(batch)
-            # Embeddings mode needs every token as an output (llama.cpp would override anyway).
-            outputs_all = self._logits_all or bool(self.context_params.embeddings)
             self._batch.set_batch(batch=batch, n_past=n_past, logits_all=outputs_all)
             self._ctx.decode(self._batch)
             self.input_ids[n_past : n_past + n_tokens] = batch
             if self._logits_all:
-                logits = np.ctypeslib.as_array(self._ctx.get_logits(),
-                                               shape=(n_tokens * self._n_vocab,))
-                self.scores[n_past : n_past + n_tokens, :].reshape(-1)[::] = logits
-            if self.hidden_listener is not None:
-                pointer = llama_cpp.llama_get_embeddings(self._ctx.ctx)
-                if not pointer:
-                    raise ModelLoadError("llama.cpp returned no embeddings: open the model with "
-                                         "embedding=True and pooling_type=0 (NONE)")
-                rows = np.ctypeslib.as_array(pointer, shape=(n_tokens * n_embd,))
-                self.hidden_listener(n_past, rows.reshape(n_tokens, n_embd).copy())
+                self.scores[n_past : n_past + n_tokens, :] = self.batch_logits(n_tokens)
+            self._after_decode(n_past, n_tokens)
             self.n_tokens += n_tokens
             self._requires_eval = False
 
-    def logits_row(self, index: int = -1) -> np.ndarray:
-        """A copy of the logits of output ``index`` of the last decode (-1: the last token)."""
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
-        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
+    _outputs_all = False
 
-    def decode_all(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(h, logits) for every token of ``tokens`` decoded from an empty context.
+    def _after_decode(self, start: int, count: int) -> None:
+        """Run after each ``llama_decode`` of ``count`` tokens from position ``start``."""
+        if self.hidden_listener is not None:
+            self.hidden_listener(start, self.batch_hidden(count))
 
-        Used for teacher-forced parity and the origin signature; leaves the context empty.
+    def batch_hidden(self, count: int) -> np.ndarray:
+        """h of the ``count`` tokens of the last decode (embeddings mode), a copy."""
+        pointer = llama_cpp.llama_get_embeddings(self._ctx.ctx)
+        if not pointer:
+            raise ModelLoadError("llama.cpp returned no embeddings: open the model with "
+                                 "embedding=True and pooling_type=0 (NONE)")
+        return np.ctypeslib.as_array(pointer, shape=(count, self.n_embd())).copy()
+
+    def batch_logits(self, count: int) -> np.ndarray:
+        """Logits of the ``count`` tokens of the last decode, all of them outputs, a copy."""
+        pointer = llama_cpp.llama_get_logits(self._ctx.ctx)
+        return np.ctypeslib.as_array(pointer, shape=(count, self._n_vocab)).copy()
+
+    def decode_all(self, tokens: Sequence[int]) -> tuple[Optional[np.ndarray], np.ndarray]:
+        """(h or None without embeddings, logits) of every token, decoded from an empty context.
+
+        Used for teacher-forced parity, scoring and the origin signature; leaves the context
+        empty.
         """
-        hidden = np.empty((len(tokens), self.n_embd()), np.float32)
+        with_hidden = bool(self.context_params.embeddings)
+        hidden = np.empty((len(tokens), self.n_embd()), np.float32) if with_hidden else None
         logits = np.empty((len(tokens), self._n_vocab), np.float32)
-        listener = self.hidden_listener
 
-        def collect(start: int, rows: np.ndarray) -> None:
-            hidden[start : start + len(rows)] = rows
-            pointer = llama_cpp.llama_get_logits(self._ctx.ctx)
-            logits[start : start + len(rows)] = np.ctypeslib.as_array(
-                pointer, shape=(len(rows), self._n_vocab))
+        def collect(start: int, count: int) -> None:
+            logits[start : start + count] = self.batch_logits(count)
+            if hidden is not None:
+                hidden[start : start + count] = self.batch_hidden(count)
 
         self.reset()
-        self.hidden_listener = collect
+        self._after_decode, self._outputs_all = collect, True
         try:
             self.eval(list(tokens))
         finally:
-            self.hidden_listener = listener
+            del self._after_decode, self._outputs_all
             self.reset()
         return hidden, logits
 

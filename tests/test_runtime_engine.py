@@ -65,6 +65,10 @@ def test_auto_picks_fast_with_a_sidecar_and_off_without(model, tmp_path):
     llm = ZptrLlama(bare, n_ctx=256)
     assert llm.mode == "off" and not llm.omega_on
     assert len(llm.generate("Hello", 4).tokens) == 4  # --omega off needs no sidecar
+    prompt = llm.tokenize("Water boils at")
+    logits, routes, _ = llm.teacher_forced(prompt)  # scoring without embeddings
+    assert logits.shape == (len(prompt), 49152) and set(routes.tolist()) == {3}
+    assert int(logits[-1].argmax()) == llm.generate(prompt, 1).tokens[0]
     with pytest.raises(OmegaModeError, match="no Omega sidecar"):
         ZptrLlama(bare, omega="exact", n_ctx=256)
     with pytest.raises(OmegaModeError, match="origin text needs Omega on"):

@@ -10,8 +10,7 @@ sidecar that belongs to another model.
 from __future__ import annotations
 
 import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,6 @@ class Sidecar:
     model_sha256: str
     model_file: str
     format_version: int = SIDECAR_FORMAT_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gate(self) -> float:

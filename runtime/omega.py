@@ -26,8 +26,9 @@ import numpy as np
 from zptr.config import CLUSTERS, OmegaConfig
 
 BOUNDARY, DEPTH, PHASE, BASE = range(4)
-# A certified choice must win by more than float32 rounding of a D-term dot product could move
-# it, so fast and exact pick the same token even where they sum in different orders.
+# A certified choice must win by more than float32 rounding could move it, so fast and exact
+# pick the same token even where they sum in different orders: at least this much, and at least
+# the a-priori bound 2 * D * 2^-24 * c ||o|| max_v ||W'_v|| on the two products' difference.
 CERTIFY_TOLERANCE = 1e-4
 
 
@@ -161,6 +162,7 @@ class Corrector:
     def __init__(self, output_matrix: np.ndarray, gate: float, max_candidates: int = 256):
         self.matrix = np.ascontiguousarray(output_matrix, np.float32)  # (V, D)
         self.row_norms = np.linalg.norm(self.matrix, axis=1).astype(np.float32)
+        self.rounding = 2.0 * self.matrix.shape[1] * 2.0 ** -24 * float(self.row_norms.max())
         self.gate = np.float32(gate)
         self.max_candidates = max_candidates
         self.stats = CorrectionStats()
@@ -189,15 +191,16 @@ class Corrector:
         shift = self.gate * (self.matrix[seeds] @ output)
         floor = float((logits[seeds] + shift).min())  # <= the exact keep-th largest value
         radius = self.gate * np.float32(np.linalg.norm(output))
+        tolerance = max(CERTIFY_TOLERANCE, self.rounding * float(radius))
         upper = logits + radius * self.row_norms
-        candidates = np.flatnonzero(upper >= floor - CERTIFY_TOLERANCE)
+        candidates = np.flatnonzero(upper >= floor - tolerance)
         if len(candidates) > self.max_candidates:
             self.stats.fallback += 1
             return self.exact(logits, output)
         values = logits[candidates] + self.gate * (self.matrix[candidates] @ output)
         if keep == 1 and len(values) > 1:
             top2 = np.partition(values, -2)[-2:]
-            if top2[1] - top2[0] <= CERTIFY_TOLERANCE:  # a near-tie rounding could flip
+            if top2[1] - top2[0] <= tolerance:  # a near-tie rounding could flip
                 self.stats.fallback += 1
                 return self.exact(logits, output)
         out = logits.copy()

@@ -30,15 +30,7 @@ sys.path.insert(0, str(ROOT))
 from convert import convert_model  # noqa: E402
 from runtime.engine import ZptrLlama  # noqa: E402
 from runtime.llama import open_llama  # noqa: E402
-
-PROMPTS = [
-    "The capital of France is", "def fibonacci(n):", "東京は日本の", "Once upon a time",
-    "The best way to learn a language", "import numpy as np\n", "Dear Sir or Madam,",
-    "In 1969, the first", "Water boils at", "Here is a haiku about autumn:",
-    "SELECT name FROM", "The mitochondria is", "私の趣味は", "To be or not to be",
-    "The quick brown fox", "A recipe for pancakes:", "function add(a, b) {",
-    "The theory of relativity", "My favourite colour is", "Q: What is 2+2?\nA:",
-]
+from zptr.testing import SAMPLE_PROMPTS as PROMPTS  # noqa: E402
 
 
 def build_model(workdir: Path, gate: float) -> Path:

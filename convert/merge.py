@@ -23,7 +23,6 @@ from .errors import ConvertError
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 PEFT_PREFIX = "base_model.model."
-FOLD_ROWS = 1024
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # PEFT options whose merge is not W += scale * B @ A: refused rather than merged wrongly.
 UNSUPPORTED_LORA_OPTIONS = ("use_dora", "fan_in_fan_out", "modules_to_save", "layers_to_transform")
@@ -183,19 +182,11 @@ class MergedModel:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.weights.shape(EMBED if name == LM_HEAD and self.tied else name)
 
-    def _fold(self, weight: torch.Tensor) -> torch.Tensor:
-        """W' in row blocks: fold_lm_head's temporaries then stay a few MB next to W and W'."""
-        out = torch.empty_like(weight)
-        for start in range(0, weight.shape[0], FOLD_ROWS):
-            rows = slice(start, start + FOLD_ROWS)
-            out[rows] = fold_lm_head(weight[rows], self.soul.rotation, self.soul.gate)
-        return out
-
     def tensor(self, name: str) -> torch.Tensor:
         if name == LM_HEAD:
             weight = self.weights.get(EMBED if self.tied else LM_HEAD)
             if self.soul is not None:
-                weight = self._fold(weight)
+                weight = fold_lm_head(weight, self.soul.rotation, self.soul.gate)
             return weight
         weight = self.weights.get(name)
         if self.adapter is not None:

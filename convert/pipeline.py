@@ -18,7 +18,8 @@ from typing import Any, Optional, Union
 import gguf
 import torch
 
-from zptr.checkpoint import CONFIG_FILE, SEED_SOUL_FILE, Checkpoint, load_checkpoint, sha256_file
+from zptr.checkpoint import (CONFIG_FILE, SEED_SOUL_FILE, Checkpoint, atomic_file, load_checkpoint,
+                             sha256_file)
 from zptr.config import FORMAT_VERSION, SUPPORTED_ARCHITECTURES
 from zptr.models import load_base_model, resolve_model_path
 
@@ -30,7 +31,7 @@ from .quantize import check_outtype, llama_quantize, untied_embedding_type
 from .sidecar import sidecar_path_for, write_sidecar
 from .tensors import GGUF_ARCHS, gguf_tensors
 from .vocab import write_vocab
-from .writer import DIRECT_TYPES, atomic_output, write_gguf
+from .writer import DIRECT_TYPES, write_gguf
 
 PathLike = Union[str, Path]
 
@@ -197,7 +198,7 @@ def convert_model(source: PathLike, outfile: PathLike, outtype: str = "q4_k_m",
             embedding_type = untied_embedding_type(outtype, config.hidden_size) if untied else None
             if progress:
                 print(f"quantizing {outfile.name} to {outtype} with llama.cpp", file=sys.stderr, flush=True)
-            with atomic_output(outfile, overwrite) as tmp:
+            with atomic_file(outfile, overwrite) as tmp:
                 llama_quantize(intermediate, tmp, outtype, embedding_type=embedding_type)
         if sidecar_path is not None:
             write_sidecar(sidecar_path, src.omega, src.checkpoint.config, outfile)

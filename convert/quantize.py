@@ -14,12 +14,13 @@ from pathlib import Path
 
 import gguf
 
+from zptr.checkpoint import atomic_file
 from zptr.config import ZptrConfig
 
 from .errors import ConvertError
 from .inspect import field_value, open_gguf
 from .sidecar import read_sidecar, sidecar_path_for, write_sidecar
-from .writer import atomic_output, unwind_on_sigterm
+from .writer import unwind_on_sigterm
 
 SIDECAR_KEY = "zptr.omega.sidecar"
 UNTIED_KEY = "zptr.soul.untied_embedding"
@@ -118,7 +119,7 @@ def quantize_gguf(infile: Path, outfile: Path, outtype: str, overwrite: bool = F
         arch = field_value(reader, "general.architecture")
         embedding_type = untied_embedding_type(outtype, int(field_value(reader, f"{arch}.embedding_length")))
     del reader  # release the memory map before llama.cpp reads the file
-    with atomic_output(outfile, overwrite) as tmp:
+    with atomic_file(outfile, overwrite) as tmp:
         llama_quantize(infile, tmp, outtype, out_sidecar.name if (sidecar or has_key) else None, embedding_type)
     if sidecar is not None:
         config = ZptrConfig(hidden_size=sidecar.hidden_size, rotation="dense", omega=sidecar.config)

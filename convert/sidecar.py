@@ -9,7 +9,6 @@ sidecar that belongs to another model.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zptr.checkpoint import sha256_file
+from zptr.checkpoint import atomic_file, sha256_file
 from zptr.config import OmegaConfig, ZptrConfig
 from zptr.errors import ZptrError
 
@@ -75,31 +74,26 @@ def write_sidecar(path: Path, omega_tensors: dict[str, torch.Tensor], config: Zp
             raise SidecarError(f"omega tensor {name} contains NaN or Inf")
     scalars = sorted(name for name, value in arrays.items() if value.ndim == 0)
 
-    writer_path = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(writer_path), SIDECAR_ARCH)
-    try:
-        writer.add_uint32(_NS + "format_version", SIDECAR_FORMAT_VERSION)
-        writer.add_uint32(_NS + "hidden_size", int(config.hidden_size))
-        writer.add_string(_NS + "routing", config.omega.routing)
-        for name in _FLOAT_FIELDS:
-            writer.add_float32(_NS + name, float(getattr(config.omega, name)))
-        writer.add_float32(_NS + "gate", float(arrays["omega.gate"]))
-        writer.add_string(_NS + "model_file", model_path.name)
-        writer.add_string(_NS + "model_sha256", sha256_file(model_path))
-        if scalars:
-            writer.add_array(_SCALARS_KEY, scalars)
-        for name, value in arrays.items():
-            writer.add_tensor(name, value.reshape(1) if value.ndim == 0 else value)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(writer_path, path)
-    except BaseException:
-        writer.close()
-        writer_path.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), SIDECAR_ARCH)
+        try:
+            writer.add_uint32(_NS + "format_version", SIDECAR_FORMAT_VERSION)
+            writer.add_uint32(_NS + "hidden_size", int(config.hidden_size))
+            writer.add_string(_NS + "routing", config.omega.routing)
+            for name in _FLOAT_FIELDS:
+                writer.add_float32(_NS + name, float(getattr(config.omega, name)))
+            writer.add_float32(_NS + "gate", float(arrays["omega.gate"]))
+            writer.add_string(_NS + "model_file", model_path.name)
+            writer.add_string(_NS + "model_sha256", sha256_file(model_path))
+            if scalars:
+                writer.add_array(_SCALARS_KEY, scalars)
+            for name, value in arrays.items():
+                writer.add_tensor(name, value.reshape(1) if value.ndim == 0 else value)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 

@@ -6,16 +6,15 @@ order; every tensor's bytes are produced, encoded and written before the next is
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import gguf
 import numpy as np
 from tqdm import tqdm
+
+from zptr.checkpoint import atomic_file
 
 from .errors import ConvertError
 from .tensors import GgufTensor
@@ -41,28 +40,6 @@ def unwind_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary sibling of ``path`` renamed onto it on success, deleted on any failure."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
-    if path.is_dir():
-        raise ConvertError(f"{path} is a directory, not an output file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def tensor_type(tensor: GgufTensor, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
@@ -105,7 +82,7 @@ def write_gguf(path: Path, arch: str, write_keys: Callable[[gguf.GGUFWriter], No
     if outtype not in DIRECT_TYPES:
         raise ConvertError(f"out type {outtype!r} is not written directly; direct types: {', '.join(DIRECT_TYPES)}")
     qtype, file_type = DIRECT_TYPES[outtype]
-    with atomic_output(path, overwrite) as tmp:
+    with atomic_file(path, overwrite) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         try:
             write_keys(writer)

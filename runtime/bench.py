@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from zptr.checkpoint import atomic_file
 from zptr.errors import ZptrError
 
 OMEGA_MODES = ("off", "fast", "exact")
@@ -534,12 +535,8 @@ def plot(document: dict[str, Any], rows: Sequence[Row], path: Path) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_outputs(document: dict[str, Any], rows: Sequence[Row], output_dir: Path) -> None:

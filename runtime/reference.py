@@ -78,8 +78,9 @@ class TorchReference:
         text_so_far = ""
         generated: list[int] = []
         for _ in range(max_tokens):
+            # Only the last position's logits are sampled: skip the prompt's vocabulary products.
             out = self.model(step, origin=self.origin, omega_state=state, past_key_values=past,
-                             use_cache=True)
+                             use_cache=True, logits_to_keep=1)
             state, past = out.omega_state, out.past_key_values
             token = sample_token(out.logits[0, -1].float().cpu().numpy(), temperature, top_k,
                                  top_p, min_p, rng)

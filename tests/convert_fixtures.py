@@ -121,16 +121,13 @@ def llama_logits(gguf_path: Path, ids: list[int], f32_cache: bool = True) -> np.
 def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """Mean KL(reference || candidate) per position in float64, top-1 agreement (also over the
     positions that are not near-ties: reference top-2 margin >= 0.01, SPEC §7), max |diff|."""
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    from runtime.bench import quality
 
-    lp, lq = log_softmax(reference), log_softmax(candidate)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    mean_kl, top1 = quality(reference, candidate)
     agree = reference.argmax(-1) == candidate.argmax(-1)
     top2 = np.sort(reference, -1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0]) >= 0.01
-    return {"mean_kl": float(kl.mean()), "top1": float(agree.mean()), "top1_non_tie": float(agree[clear].mean()),
+    return {"mean_kl": mean_kl, "top1": top1, "top1_non_tie": float(agree[clear].mean()),
             "max_abs": float(np.abs(reference - candidate).max()), "n": int(reference.shape[0])}
 
 

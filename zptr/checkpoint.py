@@ -14,6 +14,7 @@ Directories are written atomically: into a hidden temporary sibling, then rename
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -153,6 +154,29 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def _hash_tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256_file(p)
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != CONFIG_FILE}
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; it is renamed onto ``path`` on success
+    and deleted on any failure or interrupt, so ``path`` is never half-written."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
+    if path.is_dir():
+        raise ZptrError(f"{path} is a directory, not an output file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_directory(target: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:

@@ -8,7 +8,6 @@ asks to skip bad lines, in which case they are counted.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -17,6 +16,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .checkpoint import sha256_file
 from .errors import ZptrError
 
 SAMPLE_CORPUS = "sample_corpus.jsonl"
@@ -150,7 +150,7 @@ def collate(batch: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tenso
 
 def fingerprint(path: Union[str, Path]) -> str:
     """sha256 of the data file: a resumed run must read the same data to continue exactly."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_file(Path(path))
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .checkpoint import atomic_file
 from .errors import ZptrError
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
@@ -79,10 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary sibling and a rename: no half-written file on an interrupt."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _stage(number: int, total: int, title: str) -> None:

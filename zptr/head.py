@@ -139,12 +139,13 @@ class Soul(nn.Module):
 def fold_lm_head(lm_weight: torch.Tensor, rotation: torch.Tensor, gate: float) -> torch.Tensor:
     """W' = W (I + gate * R) for a (V, D) lm_head weight and a materialised rotation.
 
-    ``rotation`` is (D/8, 8, 8) blocks (so8) or (D, D) (dense). Streams over the vocabulary so a
-    large head never needs a second full-size temporary.
+    ``rotation`` is (D/8, 8, 8) blocks (so8) or (D, D) (dense). Streams over the vocabulary in
+    blocks of rows, so the temporaries stay a few MB next to W and W' (the converter's peak
+    memory budget counts on it).
     """
     weight = lm_weight.float()
     out = torch.empty_like(weight)
-    chunk = 8192
+    chunk = 1024
     for start in range(0, weight.shape[0], chunk):
         rows = weight[start : start + chunk]
         if rotation.dim() == 3:

@@ -121,15 +121,18 @@ class ZptrModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, origin: Optional[torch.Tensor] = None,
                 omega_state: Optional[OmegaState] = None, past_key_values=None,
-                use_cache: bool = False) -> ZptrOutput:
+                use_cache: bool = False, logits_to_keep: int = 0) -> ZptrOutput:
         """Logits, loss (task + weight * orthogonality) and routes for every position.
 
         ``omega_state`` continues a sequence (token-by-token use); None starts one with the
-        origin signature ``origin`` ((B, D) or (D,), zero when None).
+        origin signature ``origin`` ((B, D) or (D,), zero when None). ``logits_to_keep`` = N
+        computes the vocabulary product for the last N positions only (0: all), as in HF; the
+        Omega state and routes still cover every position.
         """
         self._begin(origin, omega_state)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                      past_key_values=past_key_values, use_cache=use_cache)
+                      past_key_values=past_key_values, use_cache=use_cache,
+                      logits_to_keep=logits_to_keep)
         routes = torch.cat(self.last_routes, 1)
         result = ZptrOutput(logits=out.logits, routes=routes, omega_state=self._state,
                             past_key_values=getattr(out, "past_key_values", None))

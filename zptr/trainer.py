@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import load_checkpoint, load_head_tensors, save_checkpoint
+from .checkpoint import atomic_file, load_checkpoint, load_head_tensors, save_checkpoint
 from .config import CLUSTERS, AlphaSchedule, OmegaConfig, ZptrConfig, phase_status
 from .dataset import (IGNORE_INDEX, TokenizedExample, collate, fingerprint, global_batch_indices,
                       read_jsonl, sample_corpus_path, tokenize)
@@ -535,9 +535,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     lines = path.read_text(encoding="utf-8").splitlines(True)
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
 
 
 def _load_resumed_weights(model: ZptrModel, resume) -> None:

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,8 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The fidelity figures reuse the test suite's reference builders rather than a second copy.
-sys.path.insert(0, str(ROOT / "tests"))
 CHUNK = 16 << 20
 
 
@@ -44,7 +43,7 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     from transformers import AutoConfig
 
-    from convert import convert_model
+    from zptr.convert import convert_model
 
     AutoConfig.for_model("llama")  # loads the config module chain the conversion would import
     imports = time.perf_counter() - start
@@ -89,9 +88,9 @@ def largest_tensor_f32(directory: Path) -> tuple[str, int]:
 
 
 def build_checkpoint(base: Path, out: Path) -> Path:
-    from convert_fixtures import make_checkpoint
+    from zptr.testing import make_checkpoint
 
-    return make_checkpoint(base, out, "llama")
+    return make_checkpoint(base, out)
 
 
 def run_child(source: Path, outfile: Path, outtype: str) -> dict:
@@ -102,26 +101,32 @@ def run_child(source: Path, outfile: Path, outtype: str) -> dict:
 
 
 def quality(work: Path, base: Path, ckpt: Path) -> dict[str, dict]:
-    from convert import convert_model
-    from convert.hf_export import export_hf
-    from convert.merge import LoraAdapter, MergedModel, SafetensorsWeights
-    from convert_fixtures import (MIXED_TEXT, compare, llama_logits, reference_model, runtime_soul_logits,
-                                  torch_logits)
+    from zptr.convert import convert_model
+    from zptr.convert.hf_export import export_hf
+    from zptr.convert.merge import LoraAdapter, MergedModel, SafetensorsWeights
     from transformers import AutoConfig
+
     from zptr.models import load_tokenizer
+    from zptr.runtime.llama import teacher_logits
+    from zptr.runtime.metrics import compare
+    from zptr.runtime.reference import unfolded_soul_logits
+    from zptr.testing import MIXED_TEXT, reference_model, torch_logits
 
     ids = load_tokenizer(base)(MIXED_TEXT, add_special_tokens=False).input_ids
     reference = torch_logits(reference_model(ckpt, base), ids)
     folded = convert_model(ckpt, work / "folded-q4_k_m.gguf", "q4_k_m", overwrite=True, progress=False)
-    merged = export_hf(MergedModel(SafetensorsWeights(base), AutoConfig.from_pretrained(str(base)),
-                                   LoraAdapter(ckpt)), base, work / "merged-unfolded", overwrite=True, progress=False)
+    merged = work / "merged-unfolded"
+    shutil.rmtree(merged, ignore_errors=True)
+    merged.mkdir()
+    export_hf(MergedModel(SafetensorsWeights(base), AutoConfig.from_pretrained(str(base)), LoraAdapter(ckpt)),
+              base, merged, progress=False)
     unfolded = convert_model(merged, work / "unfolded-q4_k_m.gguf", "q4_k_m", overwrite=True, progress=False)
     plain = convert_model(base, work / "base-q4_k_m.gguf", "q4_k_m", overwrite=True, progress=False)
     return {
-        "folded (ZPTR head)": compare(reference, llama_logits(folded.model_path, ids)),
-        "unfolded, soul applied to h_t": compare(reference, runtime_soul_logits(unfolded.model_path, ids, ckpt)),
+        "folded (ZPTR head)": compare(reference, teacher_logits(folded.model_path, ids)[1]),
+        "unfolded, soul applied to h_t": compare(reference, unfolded_soul_logits(unfolded.model_path, ids, ckpt)),
         "plain base vs base": compare(torch_logits(reference_model(None, base), ids),
-                                      llama_logits(plain.model_path, ids)),
+                                      teacher_logits(plain.model_path, ids)[1]),
     }
 
 

@@ -24,13 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from convert import convert_model  # noqa: E402
-from runtime.engine import ZptrLlama  # noqa: E402
-from runtime.llama import open_llama  # noqa: E402
-from zptr.testing import SAMPLE_PROMPTS as PROMPTS  # noqa: E402
+from zptr.convert import convert_model
+from zptr.dataset import mixed_text_path
+from zptr.runtime.engine import ZptrLlama
+from zptr.runtime.llama import open_llama
+from zptr.testing import SAMPLE_PROMPTS as PROMPTS
 
 
 def build_model(workdir: Path, gate: float) -> Path:
@@ -108,7 +106,7 @@ def report_timing(paths: dict, bare, engines: dict, prompt: list[int], args) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench_runtime")
+    parser.add_argument("--workdir", type=Path, default=Path("zptr-bench") / "bench_runtime")
     parser.add_argument("--gate", type=float, default=-5.0, help="omega (sigma(-5) = 0.0067)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (0: equality only)")
     parser.add_argument("-n", "--n-gen", type=int, default=128)
@@ -125,7 +123,7 @@ def main() -> int:
     bare = open_llama(model, **common)
     engines = {mode: ZptrLlama(model, omega=mode, **common) for mode in ("off", "fast", "exact")}
     paths = token_generators(bare, engines)
-    text = (ROOT / "tests" / "data" / "mixed_text.txt").read_text(encoding="utf-8") * 4
+    text = mixed_text_path().read_text(encoding="utf-8") * 4
     prompt = bare.tokenize(text.encode("utf-8"), add_bos=True)[: args.n_prompt]
 
     print(f"model {model.name}  sigma(omega) = {engines['fast'].router.gate:.4f}")

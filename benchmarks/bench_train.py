@@ -28,7 +28,7 @@ MODES = {"full precision": {},
 def child(args: argparse.Namespace) -> None:
     """Train once in this process and print one JSON line of figures."""
     from zptr.memory import estimate
-    from zptr.trainer import TrainConfig, train
+    from zptr.training import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(base_model=args.base_model, max_steps=args.steps, warmup_steps=2,

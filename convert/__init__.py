@@ -3,8 +3,7 @@
 Public API: :func:`convert_model` (``zptr convert``) and :func:`quantize_gguf` (``zptr quantize``).
 """
 
-from .errors import ConvertError
 from .pipeline import ConvertResult, convert_model
 from .quantize import quantize_gguf
 
-__all__ = ["ConvertError", "ConvertResult", "convert_model", "quantize_gguf"]
+__all__ = ["ConvertResult", "convert_model", "quantize_gguf"]

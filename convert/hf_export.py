@@ -15,8 +15,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from zptr.checkpoint import atomic_directory
-
 from .merge import LM_HEAD, MergedModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -56,17 +54,15 @@ def _copy_tokenizer(source: Path, out: Path) -> None:
             shutil.copy2(source / name, out / name)
 
 
-def export_hf(model: MergedModel, tokenizer_source: Path, out_dir: Path, overwrite: bool = False,
-              progress: bool = True) -> Path:
-    """Write config, weights and tokenizer files to ``out_dir`` atomically."""
-
-    def write(tmp: Path) -> None:
-        config = model.config.to_dict()
-        config["tie_word_embeddings"] = LM_HEAD not in model.names()
-        config["dtype"] = "float32"
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _write_safetensors(tmp / "model.safetensors", model, progress)
-        _copy_tokenizer(tokenizer_source, tmp)
-
-    return atomic_directory(Path(out_dir), write, overwrite=overwrite)
+def export_hf(model: MergedModel, tokenizer_source: Path, out_dir: Path, progress: bool = True) -> Path:
+    """Write config, weights and tokenizer files into ``out_dir`` (the caller's temporary
+    directory, committed with the conversion's other outputs)."""
+    out_dir = Path(out_dir)
+    config = model.config.to_dict()
+    config["tie_word_embeddings"] = LM_HEAD not in model.names()
+    config["dtype"] = "float32"
+    config.pop("quantization_config", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_safetensors(out_dir / "model.safetensors", model, progress)
+    _copy_tokenizer(tokenizer_source, out_dir)
+    return out_dir

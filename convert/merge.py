@@ -8,24 +8,25 @@ held beyond the tensor being produced, so peak memory stays near the largest ten
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
 
 from zptr.head import fold_lm_head
 
-from .errors import ConvertError
+from zptr.errors import ConvertError
+from zptr.jsonio import read_object
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # PEFT options whose merge is not W += scale * B @ A: refused rather than merged wrongly.
-UNSUPPORTED_LORA_OPTIONS = ("use_dora", "fan_in_fan_out", "modules_to_save", "layers_to_transform")
+UNSUPPORTED_LORA_OPTIONS = ("use_dora", "fan_in_fan_out", "layers_to_transform")
 
 
 class SafetensorsWeights:
@@ -35,7 +36,7 @@ class SafetensorsWeights:
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_object(index).get("weight_map", dict[str, str])
             files = sorted(set(weight_map.values()))
         elif (self.directory / "model.safetensors").is_file():
             files = ["model.safetensors"]
@@ -82,43 +83,98 @@ class StateDictWeights:
 
 
 class LoraAdapter:
-    """A PEFT LoRA adapter read lazily: ``delta(name)`` = scale * B @ A for a base weight name."""
+    """A PEFT LoRA adapter: ``delta(name)`` = scale * B @ A for a base weight name, and the
+    full replacement of a module saved through ``modules_to_save`` (a resized embedding or
+    head after tokens were added, say).
+
+    Every tensor is checked when the adapter is opened (a name PEFT would write, A/B shapes that
+    agree with the rank, finite values), so a bad adapter is refused before any output exists.
+    """
 
     def __init__(self, directory: Path):
         directory = Path(directory)
         config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
         if not weights_path.is_file():
             raise ConvertError(f"{weights_path}: missing (the adapter config has no weights next to it)")
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConvertError(f"{config_path}: unreadable adapter config ({err})") from err
-        if config.get("peft_type", "LORA") != "LORA":
-            raise ConvertError(f"{config_path}: peft_type {config.get('peft_type')!r}; only LORA merges")
+        config = read_object(config_path)
+        peft_type = config.get("peft_type", str, "LORA")
+        if peft_type != "LORA":
+            raise ConvertError(f"{config_path}: peft_type {peft_type!r}; only LORA merges")
         for option in UNSUPPORTED_LORA_OPTIONS:
-            if config.get(option):
-                raise ConvertError(f"{config_path}: LoRA option {option}={config[option]!r} is not supported")
+            if config.get(option, Any, None):
+                raise ConvertError(f"{config_path}: LoRA option {option}={config.data[option]!r} is not supported")
         self.path = weights_path
-        self.rank = int(config["r"])
-        self.alpha = float(config["lora_alpha"])
-        self.rslora = bool(config.get("use_rslora"))
-        self.rank_pattern = config.get("rank_pattern") or {}
-        self.alpha_pattern = config.get("alpha_pattern") or {}
+        self.rank = config.get("r", int)
+        self.alpha = config.get("lora_alpha", float)
+        self.rslora = config.get("use_rslora", bool, False)
+        self.rank_pattern = config.get("rank_pattern", Optional[dict], None) or {}
+        self.alpha_pattern = config.get("alpha_pattern", Optional[dict], None) or {}
+        self.modules_to_save = config.get("modules_to_save", Optional[list[str]], None) or []
+        for name, value in [("r", self.rank), *self.rank_pattern.items()]:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConvertError(f"{config_path}: LoRA rank {name} must be a positive integer, got {value!r}")
+        for name, value in [("lora_alpha", self.alpha), *self.alpha_pattern.items()]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConvertError(f"{config_path}: LoRA alpha {name} must be a finite number, got {value!r}")
         self._pairs: dict[str, str] = {}  # base weight name -> module key in the adapter file
+        self._saved: dict[str, str] = {}  # base weight name -> key of its full replacement
+        self._check_tensors()
+
+    def _check_tensors(self) -> None:
         try:
-            with safe_open(str(weights_path), framework="pt") as handle:
-                keys = list(handle.keys())
-        except Exception as err:
-            raise ConvertError(f"{weights_path}: unreadable safetensors file ({err})") from err
-        for key in keys:
+            with safe_open(str(self.path), framework="pt") as handle:
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as err:  # safetensors raises several types on corrupt files
+            raise ConvertError(f"{self.path}: unreadable safetensors file ({err})") from None
+        for key, value in tensors.items():
+            if not key.startswith(PEFT_PREFIX):
+                raise ConvertError(f"{self.path}: tensor {key!r} is not a PEFT adapter weight")
+            if not torch.isfinite(value.float()).all():
+                raise ConvertError(f"{self.path}: tensor {key} contains NaN or Inf")
             suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
-            if suffix is None or not key.startswith(PEFT_PREFIX):
-                raise ConvertError(f"{weights_path}: tensor {key!r} is not a LoRA A/B weight; cannot merge it")
-            module = key[len(PEFT_PREFIX):-len(suffix)]
-            self._pairs[module + ".weight"] = key[:-len(suffix)]
+            if suffix is not None:
+                self._pairs[key[len(PEFT_PREFIX):-len(suffix)] + ".weight"] = key[:-len(suffix)]
+            elif any(key[len(PEFT_PREFIX):].rsplit(".", 1)[0].endswith(m) for m in self.modules_to_save):
+                self._saved[key[len(PEFT_PREFIX):]] = key
+            else:
+                raise ConvertError(f"{self.path}: tensor {key!r} is neither a LoRA A/B weight nor a "
+                                   "module listed in modules_to_save; cannot merge it")
+        for name, key in self._pairs.items():
+            a, b = tensors.get(key + ".lora_A.weight"), tensors.get(key + ".lora_B.weight")
+            if a is None or b is None:
+                raise ConvertError(f"{self.path}: {key} has lora_{'A' if a is None else 'B'} missing")
+            rank = self._pattern(self.rank_pattern, name[: -len(".weight")], self.rank)
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+                raise ConvertError(f"{self.path}: {key} has lora_A {tuple(a.shape)} and lora_B "
+                                   f"{tuple(b.shape)}, which do not agree with rank {rank:g}")
 
     def targets(self) -> list[str]:
         return list(self._pairs)
+
+    def replaced(self) -> list[str]:
+        return list(self._saved)
+
+    def check_shapes(self, shape_of) -> None:
+        """Every LoRA product must have the shape of the base weight it is added to."""
+        with safe_open(str(self.path), framework="pt") as handle:
+            for name, key in self._pairs.items():
+                out_features = handle.get_slice(key + ".lora_B.weight").get_shape()[0]
+                in_features = handle.get_slice(key + ".lora_A.weight").get_shape()[1]
+                if (out_features, in_features) != tuple(shape_of(name)):
+                    raise ConvertError(f"{self.path}: {key} makes a ({out_features}, {in_features}) "
+                                       f"update for {name}, which is {tuple(shape_of(name))} in the base model")
+
+    def replacement_shape(self, name: str) -> Optional[tuple[int, ...]]:
+        if name not in self._saved:
+            return None
+        with safe_open(str(self.path), framework="pt") as handle:
+            return tuple(handle.get_slice(self._saved[name]).get_shape())
+
+    def replacement(self, name: str) -> Optional[torch.Tensor]:
+        if name not in self._saved:
+            return None
+        with safe_open(str(self.path), framework="pt") as handle:
+            return handle.get_tensor(self._saved[name]).float()
 
     def _pattern(self, pattern: dict, module: str, default: float) -> float:
         # PEFT keys patterns by a module-name suffix; the longest matching one wins.
@@ -156,21 +212,29 @@ class MergedModel:
         self.config = config
         self.adapter = adapter
         self.soul = soul
+        replaced = set(adapter.replaced()) if adapter is not None else set()
         names = [n for n in weights.names() if not n.endswith("rotary_emb.inv_freq")]
         if EMBED not in names:
             raise ConvertError(f"base model has no {EMBED}; is it a supported causal LM?")
         has_head = LM_HEAD in names
-        self.tied = not has_head or bool(getattr(config, "tie_word_embeddings", False))
+        self.tied = (not has_head or bool(getattr(config, "tie_word_embeddings", False))) \
+            and LM_HEAD not in replaced
         if self.tied and has_head:
             names.remove(LM_HEAD)  # transformers may save the tied copy; the embedding is the source
         # A tied head is written only when it differs from the embedding: when the soul is folded.
-        if self.tied and soul is not None:
+        if LM_HEAD not in names and (LM_HEAD in replaced or (self.tied and soul is not None)):
             names.append(LM_HEAD)
         self._names = names
         if adapter is not None:
-            missing = [t for t in adapter.targets() if t not in self._names or t == LM_HEAD]
+            missing = [t for t in adapter.targets() + adapter.replaced()
+                       if t not in self._names or (t == LM_HEAD and t in adapter.targets())]
             if missing:
-                raise ConvertError(f"{adapter.path}: LoRA targets not found in the base model: {missing[:5]}")
+                raise ConvertError(f"{adapter.path}: adapter modules not found in the base model: {missing[:5]}")
+            adapter.check_shapes(self.shape)
+        vocab = self.shape(EMBED)[0]
+        if LM_HEAD in self._names and self.shape(LM_HEAD)[0] != vocab:
+            raise ConvertError(f"the output matrix has {self.shape(LM_HEAD)[0]} rows but the embedding "
+                               f"{vocab}: the vocabulary was resized on one side only")
 
     @property
     def folded(self) -> bool:
@@ -179,22 +243,26 @@ class MergedModel:
     def names(self) -> list[str]:
         return list(self._names)
 
+    def _source(self, name: str) -> str:
+        return EMBED if name == LM_HEAD and self.tied else name
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.weights.shape(EMBED if name == LM_HEAD and self.tied else name)
+        source = self._source(name)
+        replaced = self.adapter.replacement_shape(source) if self.adapter is not None else None
+        return replaced or self.weights.shape(source)
+
+    def _base(self, name: str) -> torch.Tensor:
+        replaced = self.adapter.replacement(name) if self.adapter is not None else None
+        return replaced if replaced is not None else self.weights.get(name)
 
     def tensor(self, name: str) -> torch.Tensor:
+        weight = self._base(self._source(name))
         if name == LM_HEAD:
-            weight = self.weights.get(EMBED if self.tied else LM_HEAD)
             if self.soul is not None:
                 weight = fold_lm_head(weight, self.soul.rotation, self.soul.gate)
             return weight
-        weight = self.weights.get(name)
         if self.adapter is not None:
             delta = self.adapter.delta(name)
             if delta is not None:
                 weight += delta
         return weight
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self._names:
-            yield name, self.tensor(name)

@@ -1,41 +1,34 @@
-"""``zptr quantize IN OUT TYPE``: any llama.cpp type through llama-cpp-python's own quantizer.
+"""Every llama.cpp type through llama.cpp's own quantizer, compiled into llama-cpp-python.
 
-``llama_model_quantize`` is llama.cpp's quantizer compiled into llama-cpp-python: no checkout,
-no compiler. The output appears only when complete; an Omega sidecar next to IN is re-paired
-with OUT (the pairing is by sha256, which quantization changes).
+``llama_model_quantize`` runs in a child process (:mod:`.quantize_worker`), so Ctrl-C and
+SIGTERM stop it at once: the child is killed, the temporary output removed, and the command
+exits 130 / 143. Its log lines are summarised by :mod:`zptr.native_log`.
+
+:func:`quantize_gguf` is ``zptr quantize``: re-quantize a float GGUF, re-pairing its Omega
+sidecar with the new file (the pairing is by sha256, which quantization changes). Both outputs
+appear together or not at all.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import logging
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Optional
 
 import gguf
 
-from zptr.checkpoint import atomic_file
-from zptr.config import ZptrConfig
+from zptr.errors import ConvertError
+from zptr.fileio import Outputs, check_separate
+from zptr.formats.gguf import arch_value, architecture, field_value, open_gguf
+from zptr.formats.keys import Keys
+from zptr.formats.sidecar import SIDECAR_ARCH, read_sidecar, sidecar_path_for, write_sidecar
+from zptr.native_log import current, feed_relayed
 
-from .errors import ConvertError
-from .inspect import field_value, open_gguf
-from .sidecar import read_sidecar, sidecar_path_for, write_sidecar
-from .writer import unwind_on_sigterm
-
-SIDECAR_KEY = "zptr.omega.sidecar"
-UNTIED_KEY = "zptr.soul.untied_embedding"
 # ftypes whose own tensor type is at least as precise as what llama.cpp gives an output matrix.
 _HIGH_PRECISION = ("f32", "f16", "bf16", "q8_0")
 _FLOAT_INPUTS = {"F32", "F16", "BF16"}
-
-
-def untied_embedding_type(outtype: str, n_embd: int) -> int | None:
-    """The tensor type llama.cpp gives a tied embedding (it doubles as the output matrix there):
-    Q6_K, or Q8_0 when rows do not split into 256-blocks. The fold unties the embedding; giving it
-    the same type keeps the input embedding as precise as in the tied original."""
-    if outtype in _HIGH_PRECISION:
-        return None
-    return int(gguf.GGMLQuantizationType.Q8_0 if n_embd % 256 else gguf.GGMLQuantizationType.Q6_K)
 
 
 def _llama_types() -> dict[str, int]:
@@ -52,93 +45,95 @@ def _llama_types() -> dict[str, int]:
 QUANT_TYPES: dict[str, int] = _llama_types()
 
 
-def _string_override(key: str, value: str):
-    """A null-terminated array of one llama_model_kv_override setting a string key."""
-    import llama_cpp
-
-    overrides = (llama_cpp.llama_model_kv_override * 2)()
-    overrides[0].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-    overrides[0].key = key.encode()
-    overrides[0].value.val_str = value.encode()
-    return overrides
-
-
-def llama_quantize(infile: Path, outfile: Path, outtype: str, sidecar_name: str | None = None,
-                   embedding_type: int | None = None) -> None:
-    """Run llama.cpp's quantizer from ``infile`` to ``outfile`` (no atomicity, no checks)."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[outtype]
-    params.nthread = 0  # all cores
-    if embedding_type is not None:
-        params.token_embedding_type = embedding_type
-    overrides = None
-    if sidecar_name is not None:
-        overrides = _string_override(SIDECAR_KEY, sidecar_name)
-        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-    # llama.cpp logs every tensor through llama-cpp-python's logger: keep only errors.
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        status = llama_cpp.llama_model_quantize(str(infile).encode(), str(outfile).encode(), ctypes.byref(params))
-    finally:
-        logger.setLevel(level)
-    if status != 0:
-        raise ConvertError(f"llama.cpp could not quantize {infile} to {outtype} (status {status})")
-
-
 def check_outtype(outtype: str) -> str:
-    outtype = outtype.lower()
+    outtype = str(outtype).lower()
     if outtype not in QUANT_TYPES:
         raise ConvertError(f"unknown out type {outtype!r}; llama.cpp types: {', '.join(sorted(QUANT_TYPES))}")
     return outtype
 
 
-def quantize_gguf(infile: Path, outfile: Path, outtype: str, overwrite: bool = False) -> Path:
-    """Quantize a GGUF to ``outtype``; re-pair IN's Omega sidecar with OUT when there is one."""
-    infile, outfile = Path(infile), Path(outfile)
-    outtype = check_outtype(outtype)
-    if infile.resolve() == outfile.resolve():
-        raise ConvertError(f"{outfile}: the output must differ from the input")
-    reader = open_gguf(infile)
+def untied_embedding_type(outtype: str, n_embd: int) -> Optional[int]:
+    """The tensor type llama.cpp gives a tied embedding (it doubles as the output matrix there):
+    Q6_K, or Q8_0 when rows do not split into 256-blocks. The fold unties the embedding; giving it
+    the same type keeps the input embedding as precise as in the tied original."""
+    if outtype in _HIGH_PRECISION:
+        return None
+    return int(gguf.GGMLQuantizationType.Q8_0 if n_embd % 256 else gguf.GGMLQuantizationType.Q6_K)
+
+
+def llama_quantize(infile: Path, outfile: Path, outtype: str, *, embedding_type: Optional[int] = None,
+                   kv_overrides: Optional[dict[str, str]] = None, imatrix: Optional[Path] = None,
+                   threads: int = 0) -> None:
+    """Run llama.cpp's quantizer from ``infile`` to ``outfile`` in a child process (no checks, no
+    atomicity: ``outfile`` is the caller's temporary). An interrupt kills the child and re-raises."""
+    job = {"infile": str(infile), "outfile": str(outfile), "ftype": QUANT_TYPES[outtype],
+           "threads": threads, "embedding_type": embedding_type, "kv_overrides": kv_overrides or {},
+           "imatrix": str(imatrix) if imatrix else None}
+    log = current()
+    proc = subprocess.Popen([sys.executable, "-m", "zptr.convert.quantize_worker", json.dumps(job)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            encoding="utf-8", errors="replace")
+    tail: list[str] = []
+    try:
+        for line in proc.stderr:
+            feed_relayed(log, line)
+            tail = (tail + [line.partition("|")[2] or line])[-5:]
+        status = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if status != 0:
+        detail = " ".join(line.strip() for line in tail if line.strip())[-300:]
+        raise ConvertError(f"llama.cpp could not quantize {infile} to {outtype}"
+                           f"{': ' + detail if detail else f' (exit {status})'}")
+
+
+def _check_quantizable(reader: gguf.GGUFReader, path: Path) -> None:
+    arch = architecture(reader)
+    if arch == SIDECAR_ARCH:
+        raise ConvertError(f"{path} is an Omega sidecar, not a model: quantize the model it pairs with")
+    if not reader.tensors:
+        raise ConvertError(f"{path} holds no tensors: nothing to quantize")
     quantized = sorted({t.tensor_type.name for t in reader.tensors} - _FLOAT_INPUTS)
     if quantized:
-        raise ConvertError(f"{infile} already holds {', '.join(quantized)} tensors; llama.cpp re-quantizes only "
-                           "from f32/f16/bf16 (convert again with --outtype f32 or f16)")
+        raise ConvertError(f"{path} already holds {', '.join(quantized)} tensors; llama.cpp re-quantizes "
+                           "faithfully only from f32/f16/bf16 (convert again with --outtype f32 or f16)")
+
+
+def quantize_gguf(infile: Path, outfile: Path, outtype: str, overwrite: bool = False,
+                  imatrix: Optional[Path] = None) -> Path:
+    """Quantize a float GGUF to ``outtype``; re-pair IN's Omega sidecar with OUT when there is one."""
+    infile, outfile = Path(infile), Path(outfile)
+    outtype = check_outtype(outtype)
+    reader = open_gguf(infile)
+    _check_quantizable(reader, infile)
     in_sidecar = sidecar_path_for(infile)
     sidecar = read_sidecar(in_sidecar) if in_sidecar.exists() else None
     out_sidecar = sidecar_path_for(outfile)
-    for target in (outfile, out_sidecar if sidecar else None):
-        if target is not None and target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists (pass --overwrite to replace it)")
-    has_key = field_value(reader, SIDECAR_KEY) is not None
+    check_separate([infile, in_sidecar if sidecar else None, imatrix],
+                   [outfile, out_sidecar if sidecar else None])
+    overrides = {}
+    if sidecar is not None or field_value(reader, Keys.Omega.SIDECAR) is not None:
+        overrides[Keys.Omega.SIDECAR] = out_sidecar.name
     embedding_type = None
-    if field_value(reader, UNTIED_KEY, False):
-        arch = field_value(reader, "general.architecture")
-        embedding_type = untied_embedding_type(outtype, int(field_value(reader, f"{arch}.embedding_length")))
+    if field_value(reader, Keys.Soul.UNTIED_EMBEDDING, False):
+        embedding_type = untied_embedding_type(outtype, int(arch_value(reader, gguf.Keys.LLM.EMBEDDING_LENGTH)))
     del reader  # release the memory map before llama.cpp reads the file
-    with atomic_file(outfile, overwrite) as tmp:
-        llama_quantize(infile, tmp, outtype, out_sidecar.name if (sidecar or has_key) else None, embedding_type)
-    if sidecar is not None:
-        config = ZptrConfig(hidden_size=sidecar.hidden_size, rotation="dense", omega=sidecar.config)
-        write_sidecar(out_sidecar, sidecar.tensors, config, outfile)
+    with Outputs(overwrite) as outputs:
+        model_tmp = outputs.file(outfile)
+        sidecar_tmp = outputs.file(out_sidecar) if sidecar is not None else None
+        if imatrix is not None:
+            from .imatrix import check_imatrix_for
+
+            check_imatrix_for(imatrix, infile)
+        llama_quantize(infile, model_tmp, outtype, embedding_type=embedding_type,
+                       kv_overrides=overrides, imatrix=imatrix)
+        if sidecar is not None:
+            write_sidecar(sidecar_tmp, sidecar.tensors, sidecar.config, sidecar.hidden_size,
+                          model_path=model_tmp, model_name=outfile.name)
     return outfile
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("infile", help="input GGUF (f32, f16, bf16 or q8_0 for a faithful result)")
-    parser.add_argument("outfile", help="output GGUF")
-    parser.add_argument("type", help="llama.cpp type: q4_k_m, q5_k_m, q6_k, q8_0, q4_0, ...")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-
-
-def main(args: argparse.Namespace) -> int:
-    unwind_on_sigterm()
-    out = quantize_gguf(Path(args.infile), Path(args.outfile), args.type, overwrite=args.overwrite)
-    print(f"wrote {out}")
-    sidecar = sidecar_path_for(out)
-    if sidecar.exists():
-        print(f"wrote {sidecar}")
-    return 0
+__all__ = ["QUANT_TYPES", "check_outtype", "llama_quantize", "quantize_gguf",
+           "untied_embedding_type"]

@@ -1,10 +1,11 @@
-"""HF tensor names -> GGUF tensors, per architecture, with each family's layout quirks.
+"""HF tensor names -> GGUF tensors, with each family's layout quirks.
 
 Names come from gguf-py's own name tables (``TensorNameMap``). What differs per family is the
-data: llama.cpp's LLAMA graph applies rotary embeddings to adjacent pairs where transformers
-rotates halves (Q/K rows are permuted), Gemma stores RMSNorm weights as w where the graph needs
-1 + w, Phi-3 ships its LongRoPE factors as tensors. Phi-3's fused ``qkv_proj`` and ``gate_up_proj``
-already match llama.cpp's ``attn_qkv`` and ``ffn_up`` (gate first, then up).
+data, and the family's registry entry (``tensor_layout``) names the transform per GGUF tensor
+kind: llama.cpp's LLAMA graph rotates adjacent pairs where transformers rotates halves (Q/K rows
+are permuted), Gemma stores RMSNorm weights as w where the graph multiplies by 1 + w. Phi-3's
+fused ``qkv_proj`` and ``gate_up_proj`` already match llama.cpp's ``attn_qkv`` and ``ffn_up``
+(gate first, then up). RoPE factor tensors (Llama 3.x, LongRoPE) come from :mod:`.hparams`.
 """
 
 from __future__ import annotations
@@ -16,16 +17,11 @@ import gguf
 import numpy as np
 import torch
 
-from .errors import ConvertError
-from .hparams import ArchParams, rope_factor_tensors
-from .merge import MergedModel
+from zptr.errors import ConvertError
+from zptr.families import PERMUTE_K, PERMUTE_Q, PLUS_ONE, Family
 
-GGUF_ARCHS: dict[str, gguf.MODEL_ARCH] = {
-    "llama": gguf.MODEL_ARCH.LLAMA,
-    "qwen2": gguf.MODEL_ARCH.QWEN2,
-    "phi3": gguf.MODEL_ARCH.PHI3,
-    "gemma3_text": gguf.MODEL_ARCH.GEMMA3,
-}
+from .hparams import ArchParams, rope_tensors
+from .merge import MergedModel
 
 
 @dataclass
@@ -35,6 +31,10 @@ class GgufTensor:
     load: Callable[[], np.ndarray]  # float32 data, produced on demand
 
 
+def gguf_arch(family: Family) -> gguf.MODEL_ARCH:
+    return next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == family.gguf_arch)
+
+
 def _pairs_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of each head from [first halves | second halves] to interleaved (x0, x1) pairs."""
     rows = weight.shape[0]
@@ -42,20 +42,10 @@ def _pairs_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
             .transpose(1, 2).reshape(weight.shape))
 
 
-def _plus_one(weight: torch.Tensor) -> torch.Tensor:
-    return weight + 1.0
-
-
-def _transforms(arch: str, params: ArchParams) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """GGUF tensor kind (name without ``blk.N.`` and suffix) -> data transform."""
-    if arch == "llama":
-        return {"attn_q": lambda w: _pairs_interleaved(w, params.n_head),
-                "attn_k": lambda w: _pairs_interleaved(w, params.n_head_kv)}
-    if arch == "gemma3_text":
-        norms = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "attn_q_norm",
-                 "attn_k_norm", "output_norm")
-        return {kind: _plus_one for kind in norms}
-    return {}
+def _transform(name: str, params: ArchParams) -> Callable[[torch.Tensor], torch.Tensor]:
+    return {PERMUTE_Q: lambda w: _pairs_interleaved(w, params.n_head),
+            PERMUTE_K: lambda w: _pairs_interleaved(w, params.n_head_kv),
+            PLUS_ONE: lambda w: w + 1.0}[name]
 
 
 def _kind(gguf_name: str) -> str:
@@ -63,16 +53,25 @@ def _kind(gguf_name: str) -> str:
     return parts[2] if parts[0] == "blk" else parts[0]
 
 
-def gguf_tensors(arch: str, model: MergedModel, params: ArchParams) -> list[GgufTensor]:
-    """Every tensor of the GGUF file in writing order, each loaded only when written."""
-    name_map = gguf.get_tensor_name_map(GGUF_ARCHS[arch], params.n_layer)
-    transforms = _transforms(arch, params)
-    tensors: list[GgufTensor] = []
-    for hf_name in model.names():
+def hf_to_gguf_names(family: Family, names: list[str], n_layer: int) -> dict[str, str]:
+    """HF tensor name -> GGUF tensor name; a tensor without a GGUF counterpart is refused."""
+    name_map = gguf.get_tensor_name_map(gguf_arch(family), n_layer)
+    out = {}
+    for hf_name in names:
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ConvertError(f"tensor {hf_name!r} has no GGUF counterpart for architecture {arch}")
-        transform: Optional[Callable] = transforms.get(_kind(gguf_name))
+            raise ConvertError(f"tensor {hf_name!r} has no GGUF counterpart for architecture "
+                               f"{family.gguf_arch}")
+        out[hf_name] = gguf_name
+    return out
+
+
+def gguf_tensors(family: Family, model: MergedModel, params: ArchParams) -> list[GgufTensor]:
+    """Every tensor of the GGUF file in writing order, each loaded only when written."""
+    tensors: list[GgufTensor] = []
+    for hf_name, gguf_name in hf_to_gguf_names(family, model.names(), params.n_layer).items():
+        kind = family.tensor_layout.get(_kind(gguf_name))
+        transform: Optional[Callable] = _transform(kind, params) if kind else None
 
         def load(hf_name=hf_name, transform=transform) -> np.ndarray:
             data = model.tensor(hf_name)
@@ -81,6 +80,6 @@ def gguf_tensors(arch: str, model: MergedModel, params: ArchParams) -> list[Gguf
             return data.contiguous().numpy()
 
         tensors.append(GgufTensor(gguf_name, model.shape(hf_name), load))
-    for gguf_name, values in rope_factor_tensors(arch, params).items():
+    for gguf_name, values in rope_tensors(params).items():
         tensors.append(GgufTensor(gguf_name, values.shape, lambda values=values: values))
     return tensors

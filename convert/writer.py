@@ -6,7 +6,6 @@ order; every tensor's bytes are produced, encoded and written before the next is
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Callable
 
@@ -14,9 +13,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from zptr.checkpoint import atomic_file
-
-from .errors import ConvertError
+from zptr.errors import ConvertError
 from .tensors import GgufTensor
 
 Q = gguf.GGMLQuantizationType
@@ -31,15 +28,6 @@ DIRECT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = 
 # Numpy-native types; the others are encoded to bytes by gguf-py's quantizers.
 _NUMPY = {Q.F32: np.float32, Q.F16: np.float16}
 _QUANT_CHUNK = 16 << 20  # bytes of float32 rows quantized at once
-
-
-def unwind_on_sigterm() -> None:
-    """Make SIGTERM unwind like Ctrl-C, so temporary outputs are removed on the way out."""
-
-    def interrupt(signum, frame) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 def tensor_type(tensor: GgufTensor, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
@@ -76,31 +64,30 @@ def _declare(writer: gguf.GGUFWriter, tensor: GgufTensor, qtype: gguf.GGMLQuanti
 
 
 def write_gguf(path: Path, arch: str, write_keys: Callable[[gguf.GGUFWriter], None],
-               tensors: list[GgufTensor], outtype: str, overwrite: bool = False,
-               progress: bool = True) -> Path:
-    """Write ``tensors`` (loaded one by one) with the keys of ``write_keys`` to ``path``, atomically."""
+               tensors: list[GgufTensor], outtype: str, progress: bool = True) -> Path:
+    """Write ``tensors`` (loaded one by one) with the keys of ``write_keys`` to ``path``, which is
+    the caller's temporary (the caller commits it: :class:`zptr.fileio.Outputs`)."""
     if outtype not in DIRECT_TYPES:
         raise ConvertError(f"out type {outtype!r} is not written directly; direct types: {', '.join(DIRECT_TYPES)}")
     qtype, file_type = DIRECT_TYPES[outtype]
-    with atomic_file(path, overwrite) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        try:
-            write_keys(writer)
-            writer.add_file_type(file_type)
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            types = [tensor_type(t, qtype) for t in tensors]
-            for tensor, kind in zip(tensors, types):
-                _declare(writer, tensor, kind)
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            bar = tqdm(zip(tensors, types), total=len(tensors), desc=f"writing {Path(path).name}",
-                       unit="tensor", disable=not progress)
-            for tensor, kind in bar:
-                data = tensor.load()
-                if tuple(data.shape) != tuple(tensor.shape):
-                    raise ConvertError(f"tensor {tensor.name}: produced shape {data.shape}, declared {tensor.shape}")
-                writer.write_tensor_data(encode(data, kind))
-        finally:
-            writer.close()
+    writer = gguf.GGUFWriter(path, arch)
+    try:
+        write_keys(writer)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        types = [tensor_type(t, qtype) for t in tensors]
+        for tensor, kind in zip(tensors, types):
+            _declare(writer, tensor, kind)
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        bar = tqdm(zip(tensors, types), total=len(tensors), desc=f"writing {outtype} GGUF",
+                   unit="tensor", disable=not progress)
+        for tensor, kind in bar:
+            data = tensor.load()
+            if tuple(data.shape) != tuple(tensor.shape):
+                raise ConvertError(f"tensor {tensor.name}: produced shape {data.shape}, declared {tensor.shape}")
+            writer.write_tensor_data(encode(data, kind))
+    finally:
+        writer.close()
     return Path(path)

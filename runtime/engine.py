@@ -1,6 +1,6 @@
 """ZptrLlama: a GGUF on llama-cpp-python with Omega routing as a logits post-processor.
 
-    from runtime.engine import ZptrLlama
+    from zptr.runtime.engine import ZptrLlama
     llm = ZptrLlama("model.q4_k_m.gguf", omega="fast", origin="I write terse haiku.")
     out = llm.generate("Tell me about the sea.", max_tokens=64)
     out.text, out.route_names, llm.stats.certified_share
@@ -23,21 +23,19 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
+from llama_cpp import GGML_TYPE_F32, LLAMA_POOLING_TYPE_NONE
 
-from convert.sidecar import Sidecar, check_pairing, read_sidecar, sidecar_path_for
 from zptr.config import CLUSTERS
-from zptr.errors import ZptrError
+from zptr.errors import OmegaModeError, ZptrError
+from zptr.formats.gguf import output_matrix
+from zptr.formats.sidecar import Sidecar, check_pairing, read_sidecar, sidecar_path_for
 
-from .llama import KV_F32, POOLING_NONE, HiddenLlama, open_llama, output_matrix
+from .llama import HiddenLlama, open_llama
 from .omega import Corrector, CorrectionStats, OmegaRouter, recurrences
 
 OMEGA_MODES = ("auto", "off", "exact", "fast")
 # llama-cpp-python's repeat penalty looks back this many tokens (Llama(last_n_tokens_size=64)).
 PENALTY_WINDOW = 64
-
-
-class OmegaModeError(ZptrError, ValueError):
-    """An Omega mode that cannot run (unknown name, or on without a sidecar)."""
 
 
 @dataclass
@@ -193,9 +191,9 @@ class ZptrLlama:
             raise OmegaModeError("an origin text needs Omega on, but Omega is off "
                                  f"({'--omega off' if omega == 'off' else 'no sidecar found'})")
         if f32_kv:
-            llama_kwargs.update(type_k=KV_F32, type_v=KV_F32)
+            llama_kwargs.update(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
         if on:
-            llama_kwargs.update(embedding=True, pooling_type=POOLING_NONE)
+            llama_kwargs.update(embedding=True, pooling_type=LLAMA_POOLING_TYPE_NONE)
         self.llm: HiddenLlama = open_llama(self.model_path, HiddenLlama, n_ctx=n_ctx,
                                            **llama_kwargs)
         self.stats = CorrectionStats()

@@ -2,8 +2,8 @@
 
 Facts this module relies on (checked against llama-cpp-python 0.3.36 / its llama.cpp):
 
-* With ``embeddings=True`` and pooling type NONE (``LLAMA_POOLING_TYPE_NONE`` = 0) the per-token
-  embedding is the output of the model's final norm - the h_t of SPEC §2 - and the logits of the
+* With ``embeddings=True`` and pooling type NONE (``LLAMA_POOLING_TYPE_NONE``) the per-token
+  embedding is the output of the model's final norm - the h_t of the head - and the logits of the
   same tokens come out of the same ``llama_decode``. llama.cpp then marks every token of a batch
   as an output ("embeddings required but some input tokens were not marked as outputs ->
   overriding"), so h_t exists for every prompt token, which the Omega recurrences need.
@@ -25,15 +25,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import llama_cpp
 import numpy as np
 
-from zptr.errors import ZptrError
+from zptr.errors import ModelLoadError
+from zptr.formats.gguf import open_gguf
+from zptr.native_log import install as install_native_log
 
-POOLING_NONE = 0  # llama_cpp.LLAMA_POOLING_TYPE_NONE
-KV_F32 = 0  # GGML_TYPE_F32 for type_k / type_v: parity runs use an f32 KV cache (SPEC §7)
 _PATCH_LOCK = threading.Lock()
-
-
-class ModelLoadError(ZptrError, RuntimeError):
-    """llama.cpp could not open a model file."""
 
 
 def extra_buffers_enabled() -> bool:
@@ -62,20 +58,15 @@ def _model_defaults(**overrides: Any) -> Iterator[None]:
             lib.llama_model_default_params = original
 
 
-def check_gguf_file(model_path: Path) -> Path:
-    """A clear error for a missing, non-GGUF or truncated model before llama.cpp sees it."""
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise ModelLoadError(f"{model_path}: model file not found")
-    with open(model_path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise ModelLoadError(f"{model_path}: not a GGUF file (bad magic)")
-    return model_path
-
-
 def open_llama(model_path: Path, llama_class: Optional[type] = None, **kwargs: Any):
-    """A ``llama_cpp.Llama`` (or subclass) on ``model_path`` with the AMX workaround applied."""
-    model_path = check_gguf_file(model_path)
+    """A ``llama_cpp.Llama`` (or subclass) on ``model_path`` with the AMX workaround applied.
+
+    The file is checked first (missing, a directory, not GGUF, truncated: each named), so
+    llama.cpp's own load only fails on what only it can judge.
+    """
+    model_path = Path(model_path)
+    open_gguf(model_path)
+    install_native_log()
     cls = llama_class or llama_cpp.Llama
     kwargs.setdefault("verbose", False)
     overrides = {} if extra_buffers_enabled() else {"use_extra_bufts": False}
@@ -179,20 +170,18 @@ class HiddenLlama(llama_cpp.Llama):
         return hidden, logits
 
 
-def output_matrix(model_path: Path) -> np.ndarray:
-    """W': the GGUF's ``output.weight`` (``token_embd.weight`` when tied), dequantised to f32.
-
-    Returned as (n_vocab, n_embd), the row of token v being W'_v.
-    """
-    import gguf
-    from gguf.quants import dequantize
-
-    reader = gguf.GGUFReader(str(model_path))
-    tensors = {t.name: t for t in reader.tensors}
-    tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
-    if tensor is None:
-        raise ModelLoadError(f"{model_path}: neither output.weight nor token_embd.weight found")
-    matrix = dequantize(tensor.data, tensor.tensor_type)
-    shape = tuple(int(n) for n in reversed(tensor.shape))
-    return np.ascontiguousarray(matrix.reshape(shape), dtype=np.float32)
-
+def teacher_logits(model_path: Path, tokens: Sequence[int], f32_kv: bool = True, threads: int = 2,
+                   hidden: bool = False) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """(h or None, logits) of every position of ``tokens`` decoded in one batch from an empty
+    context, float64 logits; the f32 KV cache by default (parity against float32 references)."""
+    n = len(tokens) + 8
+    kwargs = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_kv else {}
+    if hidden:
+        kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
+    llm = open_llama(Path(model_path), HiddenLlama, logits_all=True, n_ctx=n, n_batch=n, n_ubatch=n,
+                     n_threads=threads, **kwargs)
+    try:
+        states, logits = llm.decode_all(list(tokens))
+    finally:
+        llm.close()
+    return states, logits.astype(np.float64)

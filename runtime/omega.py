@@ -1,6 +1,6 @@
 """Omega in NumPy: recurrences, router and the logits correction sigma(omega) W' o_t.
 
-Written from SPEC §2 independently of ``zptr/head.py`` (the PyTorch definition), so the parity
+Written from the head's definition (``docs/design.md``, "The head") independently of ``zptr/head.py`` (the PyTorch definition), so the parity
 tests that compare the two are a real check. Shapes: D hidden size, V vocabulary, T positions.
 
     phi_t   = beta phi_{t-1} + (1 - beta) h_t            phi_0 = 0
@@ -64,13 +64,9 @@ class Routing:
     routes: np.ndarray
     margins: np.ndarray
 
-    @property
-    def names(self) -> list[str]:
-        return [CLUSTERS[int(r)] for r in self.routes]
-
 
 class OmegaRouter:
-    """The router of SPEC §2 over NumPy float32 arrays named as in a checkpoint (``omega.*``)."""
+    """The Omega router over NumPy float32 arrays named as in a checkpoint (``omega.*``)."""
 
     def __init__(self, tensors: dict[str, np.ndarray], config: OmegaConfig):
         t = {name.removeprefix("omega."): np.asarray(v, np.float32) for name, v in tensors.items()}

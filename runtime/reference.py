@@ -8,6 +8,7 @@ Omega state token by token, and samples with the same rules as llama.cpp's defau
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -98,4 +99,20 @@ class TorchReference:
         return collect(tokens, self.stream(tokens, max_tokens, **sampling))
 
 
-__all__ = ["TorchReference", "sample_token"]
+
+
+def unfolded_soul_logits(gguf_path: Path, tokens: Sequence[int], checkpoint_dir: Path) -> np.ndarray:
+    """The unfolded alternative to the fold, for comparison: h_t from llama.cpp on a GGUF without
+    the soul, then the soul and the GGUF's own (dequantised) output matrix applied in float64:
+    W (h + sigmoid(alpha) R h)."""
+    from zptr.checkpoint import load_checkpoint
+    from zptr.formats.gguf import output_matrix
+    from zptr.head import dense_rotation
+
+    from .llama import teacher_logits
+
+    hidden, _ = teacher_logits(gguf_path, tokens, hidden=True)
+    ckpt = load_checkpoint(checkpoint_dir)
+    rotation = dense_rotation(ckpt.rotation).double().numpy()
+    h = hidden.astype(np.float64)
+    return (h + ckpt.gate * h @ rotation.T) @ output_matrix(gguf_path).astype(np.float64).T

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import bench
-from zptr import cli
+from zptr.app import bench
+from zptr.app import cli
 
 from convert_fixtures import make_checkpoint, save_tiny_with_tokenizer, sentencepiece_tokenizer
 
@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bench-model")
     sentencepiece_tokenizer(root / "tokenizer")
     base = save_tiny_with_tokenizer("llama", root / "base", root / "tokenizer")
-    return make_checkpoint(base, root / "checkpoint", "llama")
+    return make_checkpoint(base, root / "checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import pytest
 import torch
 
-from convert import convert_model
-from convert.inspect import describe_gguf, open_gguf, zptr_metadata
-from convert_fixtures import (MIXED_TEXT, compare, llama_logits, make_checkpoint, make_seed_checkpoint,
-                              reference_model, save_tiny_with_tokenizer, sentencepiece_tokenizer, torch_logits)
+from zptr.convert import convert_model
+from zptr.app.inspect import describe_gguf
+from zptr.formats.gguf import open_gguf, zptr_metadata
+from convert_fixtures import (MIXED_TEXT, assert_parity, compare, llama_logits, make_checkpoint,
+                              make_seed_checkpoint, reference_model, save_tiny_with_tokenizer,
+                              sentencepiece_tokenizer, torch_logits)
 from zptr.testing import ARCHITECTURES, save_tiny_model
 
 F32_KL = 1e-6
@@ -48,7 +49,7 @@ def tiny(workdir, sp_tokenizer):
     def get(arch):
         if arch not in built:
             base = save_tiny_with_tokenizer(arch, workdir / arch / "base", workdir / "sp")
-            built[arch] = base, make_checkpoint(base, workdir / arch / "ckpt", arch)
+            built[arch] = base, make_checkpoint(base, workdir / arch / "ckpt")
         return built[arch]
 
     return get
@@ -68,8 +69,7 @@ def test_f32_parity_every_architecture(arch, tiny, ids, workdir):
     figures = compare(torch_logits(reference_model(ckpt, base), ids), got)
     print(arch, figures)
     assert figures["n"] >= 256
-    assert figures["top1"] == 1.0
-    assert figures["mean_kl"] <= F32_KL
+    assert_parity(figures, arch)
     without_merge, without_fold = _skipped_step_kl(ckpt, base, ids, got)
     assert without_merge > 100 * F32_KL and without_fold > 100 * F32_KL
     meta = zptr_metadata(open_gguf(result.model_path))
@@ -84,7 +84,7 @@ def test_f16_top1(arch, tiny, ids, workdir):
     figures = compare(torch_logits(reference_model(ckpt, base), ids),
                       llama_logits(result.model_path, ids, f32_cache=False))
     print("f16", arch, figures)
-    assert figures["top1"] == 1.0 and figures["mean_kl"] <= 1e-5
+    assert figures["top1_non_tie"] == 1.0 and figures["mean_kl"] <= 1e-5
 
 
 @pytest.mark.parametrize("outtype, kl", [("bf16", 1e-3), ("q8_0", 1e-3), ("q4_0", 5e-2)])
@@ -97,29 +97,9 @@ def test_other_types_load_and_track(outtype, kl, tiny, ids, workdir):
     assert describe_gguf(result.model_path)["file_type"] == f"MOSTLY_{outtype.upper()}"
 
 
-def test_phi3_longrope_factors(workdir, sp_tokenizer, ids):
-    head_dim = 16
-    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 512,
-            "short_factor": [1.0 + 0.25 * i for i in range(head_dim // 2)],
-            "long_factor": [2.0 + 0.5 * i for i in range(head_dim // 2)]}
-    base = save_tiny_with_tokenizer("phi3", workdir / "phi3-longrope" / "base", workdir / "sp",
-                                    max_position_embeddings=4096, original_max_position_embeddings=512,
-                                    rope_parameters=rope)
-    ckpt = make_checkpoint(base, workdir / "phi3-longrope" / "ckpt", "phi3", omega=False)
-    result = convert_model(ckpt, workdir / "phi3-longrope" / "model.gguf", "f32", progress=False)
-    reader = open_gguf(result.model_path)
-    assert {t.name for t in reader.tensors} >= {"rope_factors_long.weight", "rope_factors_short.weight"}
-    assert reader.get_field("phi3.rope.scaling.original_context_length").contents() == 512
-    assert result.sidecar_path is None
-    got = llama_logits(result.model_path, ids)
-    figures = compare(torch_logits(reference_model(ckpt, base), ids), got)
-    print("phi3 longrope", figures)
-    assert figures["top1"] == 1.0 and figures["mean_kl"] <= F32_KL
-
-
 def test_seed_format_dense_rotation(workdir, ids):
     base = save_tiny_with_tokenizer("llama", workdir / "seed" / "base", workdir / "sp")
-    seed = make_seed_checkpoint(base, workdir / "seed" / "ckpt", "llama")
+    seed = make_seed_checkpoint(base, workdir / "seed" / "ckpt")
     result = convert_model(seed, workdir / "seed" / "model.gguf", "f32", base_model=base, progress=False)
     got = llama_logits(result.model_path, ids)
     figures = compare(torch_logits(reference_model(seed, base), ids), got)
@@ -151,23 +131,6 @@ def test_export_hf_matches_reference(tiny, ids, workdir):
     assert figures["top1"] == 1.0 and figures["max_abs"] < 1e-3
 
 
-def test_sentencepiece_tokenization_matches_hf(tiny, sp_tokenizer, workdir):
-    from runtime.llama import open_llama
-
-    base, ckpt = tiny("llama")
-    path = workdir / "llama" / "model.gguf"
-    if not path.exists():
-        convert_model(ckpt, path, "f32", progress=False)
-    assert open_gguf(path).get_field("tokenizer.ggml.model").contents() == "llama"
-    llm = open_llama(path, vocab_only=True)
-    # Texts starting with a space are left out: transformers' Metaspace ("prepend first") adds no
-    # dummy prefix there while llama.cpp's SentencePiece tokenizer always does.
-    lines = [line for line in MIXED_TEXT.splitlines() if line and not line[0].isspace()]
-    for text in [MIXED_TEXT, *lines]:
-        expected = sp_tokenizer(text, add_special_tokens=False).input_ids
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected, text
-
-
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 SPLIT_THEN_BYTES = [{"type": "Split", "behavior": "Isolated", "invert": False},
                     dict(BYTE_LEVEL, use_regex=False, trim_offsets=False)]
@@ -175,9 +138,8 @@ SPLIT_THEN_BYTES = [{"type": "Split", "behavior": "Isolated", "invert": False},
 
 def _pre_tokenizer_spec(name: str) -> dict:
     """A tokenizer.json pre_tokenizer for each llama.cpp pre-tokenizer name the converter knows."""
-    from convert.vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT
+    from zptr.families import SPLIT_RULES as split
 
-    split = {"qwen2": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT}
     if name == "gpt-2":
         return BYTE_LEVEL
     if name == "smollm":
@@ -186,13 +148,13 @@ def _pre_tokenizer_spec(name: str) -> dict:
     return {"type": "Sequence", "pretokenizers": steps}
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "qwen2", "llama-bpe"])
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "qwen2", "llama-bpe", "gpt-4o", "tekken"])
 def test_bpe_pre_tokenizer_table(pre, workdir):
     """The SmolLM2 vocabulary under each recognised pre-tokenizer: llama.cpp, told the name the
     converter picked, splits text exactly like the HF tokenizer (numbers, spaces, newlines, CJK)."""
     from transformers import AutoTokenizer
 
-    from runtime.llama import open_llama
+    from zptr.runtime.llama import open_llama
     from zptr.models import smollm2_hf_dir
 
     source = smollm2_hf_dir()
@@ -214,9 +176,11 @@ def test_bpe_pre_tokenizer_table(pre, workdir):
 
 
 def test_gguf_base_model(tiny, ids, workdir):
-    """--base-model a .gguf: transformers dequantises it, its tokenizer keys are carried over."""
-    base, ckpt = tiny("llama")
-    base_gguf = convert_model(base, workdir / "llama-base.gguf", "f32", progress=False).model_path
+    """--base-model a .gguf: transformers dequantises it, its tokenizer keys are carried over.
+    (mistral: transformers' GGUF loader does not restore Llama 3.x RoPE factors, so a llama3
+    base read back from GGUF is another model in transformers.)"""
+    base, ckpt = tiny("mistral")
+    base_gguf = convert_model(base, workdir / "mistral-base.gguf", "f32", progress=False).model_path
     result = convert_model(ckpt, workdir / "from-gguf-base.gguf", "f32", base_model=base_gguf, progress=False)
     figures = compare(torch_logits(reference_model(ckpt, base), ids), llama_logits(result.model_path, ids))
     assert figures["top1"] == 1.0 and figures["mean_kl"] <= F32_KL
@@ -224,22 +188,10 @@ def test_gguf_base_model(tiny, ids, workdir):
     assert tokens[0] == tokens[1]
 
 
-def test_gemma3_sliding_window_pattern(workdir, ids):
-    """A full-attention layer after a sliding one: llama.cpp must take the per-layer pattern from
-    the file (its built-in default would make both layers sliding, 64 tokens, and diverge)."""
-    base = save_tiny_with_tokenizer("gemma3_text", workdir / "gemma-pattern" / "base", workdir / "sp",
-                                    layer_types=["sliding_attention", "full_attention"])
-    ckpt = make_checkpoint(base, workdir / "gemma-pattern" / "ckpt", "gemma3_text", omega=False)
-    result = convert_model(ckpt, workdir / "gemma-pattern" / "model.gguf", "f32", progress=False)
-    figures = compare(torch_logits(reference_model(ckpt, base), ids), llama_logits(result.model_path, ids))
-    print("gemma3 pattern", figures)
-    assert figures["top1"] == 1.0 and figures["mean_kl"] <= F32_KL
-
-
 def test_lora_scaling_options_match_peft(workdir, ids):
     """rsLoRA and per-module rank/alpha patterns merge with PEFT's own scale."""
     base = save_tiny_with_tokenizer("qwen2", workdir / "lora-options" / "base", workdir / "sp")
-    ckpt = make_checkpoint(base, workdir / "lora-options" / "ckpt", "qwen2", omega=False, use_rslora=True,
+    ckpt = make_checkpoint(base, workdir / "lora-options" / "ckpt", omega=False, use_rslora=True,
                            rank_pattern={"k_proj": 8}, alpha_pattern={"v_proj": 32})
     result = convert_model(ckpt, workdir / "lora-options" / "model.gguf", "f32", progress=False)
     figures = compare(torch_logits(reference_model(ckpt, base), ids), llama_logits(result.model_path, ids))

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import convert.writer
-from convert import convert_model, quantize_gguf
-from convert.inspect import describe_gguf
+import zptr.convert.writer
+from zptr.convert import convert_model
+from zptr.app.inspect import describe_gguf
 from convert_fixtures import make_checkpoint, save_tiny_with_tokenizer, sentencepiece_tokenizer
 from zptr.checkpoint import CONFIG_FILE, SOUL_FILE, sha256_file
-from zptr.cli import main as zptr_main
+from zptr.app.cli import main as zptr_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def built(tmp_path_factory):
     work = tmp_path_factory.mktemp("convert-errors")
     sentencepiece_tokenizer(work / "sp")
     base = save_tiny_with_tokenizer("llama", work / "base", work / "sp")
-    ckpt = make_checkpoint(base, work / "ckpt", "llama")
+    ckpt = make_checkpoint(base, work / "ckpt")
     model = convert_model(ckpt, work / "good.gguf", "f32", progress=False).model_path
     return work, base, ckpt, model
 
@@ -126,7 +126,7 @@ def test_hidden_size_and_architecture_checked(built, capsys):
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(work / "gpt2")
     code, err = _run(["convert", work / "gpt2", "--outfile", work / "x4.gguf", "--outtype", "f32"], capsys)
-    assert code == 1 and "unsupported architecture 'gpt2'" in err and "llama, phi3, qwen2" in err
+    assert code == 1 and "unsupported architecture 'gpt2'" in err and "llama, mistral, phi3, qwen2" in err
     assert not (work / "x4.gguf").exists()
 
 
@@ -159,7 +159,7 @@ def test_failure_mid_write_leaves_nothing(built, monkeypatch):
     out.mkdir()
     before = {p: sha256_file(p) for p in ckpt.iterdir() if p.is_file()}
     calls = {"n": 0}
-    real_encode = convert.writer.encode
+    real_encode = zptr.convert.writer.encode
 
     def failing(data, qtype):
         calls["n"] += 1
@@ -167,7 +167,7 @@ def test_failure_mid_write_leaves_nothing(built, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_encode(data, qtype)
 
-    monkeypatch.setattr(convert.writer, "encode", failing)
+    monkeypatch.setattr(zptr.convert.writer, "encode", failing)
     with pytest.raises(OSError):
         convert_model(ckpt, out / "m.gguf", "f32", progress=False)
     assert list(out.iterdir()) == []

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from convert import convert_model
-from convert.hf_export import export_hf
-from convert.inspect import open_gguf
-from convert.merge import LoraAdapter, MergedModel, SafetensorsWeights
-from convert_fixtures import (MIXED_TEXT, compare, llama_logits, make_checkpoint, reference_model,
-                              runtime_soul_logits, torch_logits)
+from zptr.convert import convert_model
+from zptr.convert.hf_export import export_hf
+from zptr.formats.gguf import open_gguf
+from zptr.convert.merge import LoraAdapter, MergedModel, SafetensorsWeights
+from convert_fixtures import MIXED_TEXT, compare, llama_logits, make_checkpoint, reference_model, torch_logits
+from zptr.runtime.reference import unfolded_soul_logits
 from zptr.models import smollm2_hf_dir
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def smol(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("smollm2")
     base = smollm2_hf_dir()
-    ckpt = make_checkpoint(base, work / "ckpt", "llama")
+    ckpt = make_checkpoint(base, work / "ckpt")
     ids = load_tokenizer(base)(MIXED_TEXT, add_special_tokens=False).input_ids
     assert len(ids) >= 256
     return work, base, ckpt, ids
@@ -52,7 +52,7 @@ def test_f32_and_f16_parity(smol, reference):
 
 
 def test_bpe_tokenization_matches_hf(smol):
-    from runtime.llama import open_llama
+    from zptr.runtime.llama import open_llama
     from zptr.models import load_tokenizer
 
     work, base, ckpt, ids = smol
@@ -99,9 +99,10 @@ def test_q4_k_m_folded_vs_unfolded(smol, reference):
     types = {t.name: t.tensor_type.name for t in open_gguf(folded.model_path).tensors}
     # 576 columns do not split into 256-blocks: llama.cpp gives a tied embedding Q8_0, so does the fold.
     assert types["token_embd.weight"] == types["output.weight"] == "Q8_0"
+    (work / "merged-unfolded").mkdir()
     unfolded_dir = export_hf(MergedModel(SafetensorsWeights(base), AutoConfig.from_pretrained(str(base)),
                                          LoraAdapter(ckpt)), base, work / "merged-unfolded", progress=False)
     unfolded = convert_model(unfolded_dir, work / "unfolded-q4_k_m.gguf", "q4_k_m", progress=False)
-    unfolded_figures = compare(reference, runtime_soul_logits(unfolded.model_path, ids, ckpt))
+    unfolded_figures = compare(reference, unfolded_soul_logits(unfolded.model_path, ids, ckpt))
     print("q4_k_m folded", folded_figures, "unfolded", unfolded_figures)
     assert folded_figures["mean_kl"] <= 1.1 * unfolded_figures["mean_kl"]

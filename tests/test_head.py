@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from zptr.config import AlphaSchedule, OmegaConfig, ZptrConfig, ZptrConfigError, phase_status
+from zptr.config import AlphaSchedule, OmegaConfig, ZptrConfig, phase_status
+from zptr.errors import ConfigError
 from zptr.head import (BASE, BOUNDARY, DEPTH, PHASE, OmegaRouter, OmegaState, Rotation,
                        omega_recurrences, rotation_errors, threshold_routes)
 from zptr.model import ZptrModel
@@ -70,7 +71,7 @@ def test_so8_rotation_round_trips_through_materialised_matrix():
 
 
 def test_so8_needs_hidden_size_divisible_by_8():
-    with pytest.raises(ZptrConfigError, match="divisible by 8"):
+    with pytest.raises(ConfigError, match="divisible by 8"):
         ZptrConfig(hidden_size=60, rotation="so8")
     ZptrConfig(hidden_size=60, rotation="dense")  # dense has no such constraint
 

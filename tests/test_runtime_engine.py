@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from convert.sidecar import SidecarError, sidecar_path_for, write_sidecar
-from runtime.engine import OmegaLogitsProcessor, OmegaModeError, ZptrLlama
-from runtime.llama import ModelLoadError
+from zptr.formats.sidecar import SidecarError, sidecar_path_for, write_sidecar
+from zptr.runtime.engine import OmegaLogitsProcessor, OmegaModeError, ZptrLlama
+from zptr.errors import ModelLoadError
 from zptr.checkpoint import head_tensors
 from zptr.config import ZptrConfig
 from zptr.head import ZptrHead
@@ -18,13 +18,14 @@ from zptr.testing import SAMPLE_PROMPTS as PROMPTS
 
 
 def omega_tensors(hidden: int, gate: float, seed: int = 0):
-    """A random router (PyTorch's init: SmolLM2's h is large enough that the routes vary)."""
+    """A random router (PyTorch's init: SmolLM2's h is large enough that the routes vary):
+    (tensors, Omega config, hidden size), the sidecar writer's arguments."""
     torch.manual_seed(seed)
     config = ZptrConfig(hidden_size=hidden)
     head = ZptrHead(config)
     with torch.no_grad():
         head.omega.gate.fill_(gate)
-    return {k: v for k, v in head_tensors(head).items() if k.startswith("omega.")}, config
+    return {k: v for k, v in head_tensors(head).items() if k.startswith("omega.")}, config.omega, hidden
 
 
 @pytest.fixture(scope="module")
@@ -173,17 +174,17 @@ def test_sidecar_of_another_model_or_size_is_refused(model, tmp_path):
     truncated = tmp_path / "t.gguf"
     with open(smollm2_gguf_path(), "rb") as handle:
         truncated.write_bytes(handle.read(1 << 20))
-    with pytest.raises(ModelLoadError, match="could not load"):
+    with pytest.raises(ModelLoadError, match="truncated"):
         ZptrLlama(truncated, omega="off")
 
 
 def test_cli_run_show_routes(model, capsys):
-    from zptr.cli import main
+    from zptr.app.cli import main
 
     assert main(["run", str(model), "-p", "Once upon a time", "-n", "6", "--show-routes",
                  "--no-color", "--origin", "a sailor"]) == 0
     captured = capsys.readouterr()
-    from runtime.cli import ROUTE_TAGS
+    from zptr.app.run import ROUTE_TAGS
 
     assert sum(captured.out.count(f"[{tag}]") for tag in ROUTE_TAGS.values()) == 6  # one per token
     assert "routes: BOUNDARY" in captured.err and "certified" in captured.err
@@ -228,6 +229,6 @@ def test_sampling_fast_equals_exact_with_the_same_seed(fast, exact):
     (0.0, 40, False, 0, 1), (0.0, 40, True, 0, 65), (0.8, 20, False, 0, 20),
     (0.8, 20, True, 0, 84), (0.8, 0, False, 0, None), (0.8, 40, False, 2, None)])
 def test_sampling_keep(temperature, top_k, penalized, mirostat, expected):
-    from runtime.engine import sampling_keep
+    from zptr.runtime.engine import sampling_keep
 
     assert sampling_keep(temperature, top_k, penalized, mirostat) == expected

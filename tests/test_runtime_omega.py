@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.omega import Corrector, OmegaRouter, recurrences
+from zptr.runtime.omega import Corrector, OmegaRouter, recurrences
 from zptr.checkpoint import head_tensors
 from zptr.config import ZptrConfig
 from zptr.head import OmegaState, ZptrHead, omega_recurrences

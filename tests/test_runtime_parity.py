@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from convert import convert_model
+from zptr.convert import convert_model
 from convert_fixtures import MIXED_TEXT, compare, save_tiny_with_tokenizer, sentencepiece_tokenizer
-from runtime.engine import ZptrLlama
-from runtime.reference import TorchReference
+from zptr.runtime.engine import ZptrLlama
+from zptr.runtime.reference import TorchReference
 from zptr.checkpoint import save_checkpoint
 from zptr.config import ZptrConfig
 from zptr.head import OmegaState, omega_recurrences

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.sidecar import (SIDECAR_ARCH, SidecarError, check_pairing, read_sidecar,
+from zptr.formats.sidecar import (SIDECAR_ARCH, SidecarError, check_pairing, read_sidecar,
                              sidecar_path_for, write_sidecar)
 from zptr.checkpoint import head_tensors
 from zptr.config import ZptrConfig
@@ -36,7 +36,7 @@ def model_file(tmp_path) -> Path:
 
 def test_round_trip(tmp_path, model_file):
     tensors, config = _omega(routing="resonance")
-    out = write_sidecar(sidecar_path_for(model_file), tensors, config, model_file)
+    out = write_sidecar(sidecar_path_for(model_file), tensors, config.omega, config.hidden_size, model_file)
     assert out == tmp_path / "m.omega.gguf" and out.is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     side = read_sidecar(out)
@@ -59,7 +59,7 @@ def test_sidecar_path_for():
 
 def test_pairing_refuses_other_model_and_hidden_size(tmp_path, model_file):
     tensors, config = _omega()
-    side = read_sidecar(write_sidecar(tmp_path / "s.omega.gguf", tensors, config, model_file))
+    side = read_sidecar(write_sidecar(tmp_path / "s.omega.gguf", tensors, config.omega, config.hidden_size, model_file))
     other = tmp_path / "other.gguf"
     other.write_bytes(b"another model")
     with pytest.raises(SidecarError, match="sha256 mismatch"):
@@ -70,12 +70,12 @@ def test_pairing_refuses_other_model_and_hidden_size(tmp_path, model_file):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda data: data[: len(data) // 2], "truncated|corrupt"),
-    (lambda data: b"NOTAGGUF" + data[8:], "not a readable GGUF"),
-    (lambda data: b"", "not a readable GGUF"),
+    (lambda data: b"NOTAGGUF" + data[8:], "not a GGUF file"),
+    (lambda data: b"", "not a GGUF file"),
 ])
 def test_corrupt_files_refused(tmp_path, model_file, damage, message):
     tensors, config = _omega()
-    path = write_sidecar(tmp_path / "s.omega.gguf", tensors, config, model_file)
+    path = write_sidecar(tmp_path / "s.omega.gguf", tensors, config.omega, config.hidden_size, model_file)
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(SidecarError, match=message):
         read_sidecar(path)
@@ -102,7 +102,7 @@ def test_nan_refused_and_nothing_written(tmp_path, model_file):
     tensors["omega.phase.weight"][0, 0] = float("nan")
     target = tmp_path / "s.omega.gguf"
     with pytest.raises(SidecarError, match="omega.phase.weight contains NaN"):
-        write_sidecar(target, tensors, config, model_file)
+        write_sidecar(target, tensors, config.omega, config.hidden_size, model_file)
     assert list(tmp_path.iterdir()) == [model_file]
 
 
@@ -110,13 +110,13 @@ def test_failed_write_leaves_no_file(tmp_path, model_file):
     tensors, config = _omega()
     missing_model = tmp_path / "absent.gguf"  # hashing fails mid-write
     with pytest.raises(FileNotFoundError):
-        write_sidecar(tmp_path / "s.omega.gguf", tensors, config, missing_model)
+        write_sidecar(tmp_path / "s.omega.gguf", tensors, config.omega, config.hidden_size, missing_model)
     assert list(tmp_path.iterdir()) == [model_file]
 
 
 def test_missing_tensor_refused(tmp_path, model_file):
     tensors, config = _omega()
     del tensors["omega.experts_weight"]
-    path = write_sidecar(tmp_path / "s.omega.gguf", tensors, config, model_file)
+    path = write_sidecar(tmp_path / "s.omega.gguf", tensors, config.omega, config.hidden_size, model_file)
     with pytest.raises(SidecarError, match="omega.experts_weight missing"):
         read_sidecar(path)

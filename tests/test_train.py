@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from zptr import cli
+from zptr.app import cli
 from zptr.checkpoint import load_checkpoint
 from zptr.config import AlphaSchedule
 from zptr.testing import save_tiny_model, tiny_model
-from zptr.trainer import (TrainConfig, TrainError, _micro_batches, resolve_lora_targets, step_dirs,
-                          train)
+from zptr.errors import TrainError
+from zptr.training import TrainConfig, step_dirs, train
+from zptr.training.loop import _micro_batches
+from zptr.training.setup import resolve_lora_targets
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED_FILES = ("adapter_model.safetensors", "soul.safetensors", "trainer_state/optimizer.safetensors")
@@ -47,13 +49,13 @@ def max_difference(a: Path, b: Path) -> float:
 
 
 def test_lora_targets_resolve_per_architecture():
-    assert resolve_lora_targets(tiny_model("llama"), "llama") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert resolve_lora_targets(tiny_model("llama")) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     phi3 = tiny_model("phi3")
-    assert resolve_lora_targets(phi3, "phi3") == ["qkv_proj", "o_proj"]
+    assert resolve_lora_targets(phi3) == ["qkv_proj", "o_proj"]
     # The seed's list would silently train o_proj alone on Phi-3: refused, naming what exists.
     with pytest.raises(TrainError, match=r"q_proj,k_proj,v_proj match no linear module.*available: "
                                          r"down_proj,gate_up_proj,o_proj,qkv_proj"):
-        resolve_lora_targets(phi3, "phi3", ["q_proj", "k_proj", "v_proj", "o_proj"])
+        resolve_lora_targets(phi3, ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @pytest.mark.parametrize("arch, rotation, routing", [
@@ -66,7 +68,7 @@ def test_every_architecture_rotation_and_routing_trains(tmp_path, smollm2_tokeni
     ckpt = load_checkpoint(final)
     assert (ckpt.architecture, ckpt.config.rotation, ckpt.config.omega.routing) == (arch, rotation, routing)
     adapter = json.loads((final / "adapter_config.json").read_text())
-    assert sorted(adapter["target_modules"]) == sorted(resolve_lora_targets(tiny_model(arch), arch))
+    assert sorted(adapter["target_modules"]) == sorted(resolve_lora_targets(tiny_model(arch)))
     # Only the router of the chosen mode trains (the other is frozen, so DDP sees no unused parameter).
     trained = json.loads((final / "trainer_state" / "trainer_state.json").read_text())["parameters"]
     used, unused = ("resonance_linear", "boundary") if routing == "resonance" else ("boundary", "resonance_linear")
@@ -186,8 +188,8 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(tiny_dir, tmp_path, caps
 
 
 def test_four_bit_trains_and_converts(tiny_dir, tmp_path):
-    from convert import convert_model
-    from convert.inspect import describe_gguf
+    from zptr.convert import convert_model
+    from zptr.app.inspect import describe_gguf
 
     final = train(quick(tiny_dir, tmp_path / "q4", max_steps=3, load_in_4bit=True))
     ckpt = load_checkpoint(final)
@@ -226,7 +228,7 @@ def test_signal_saves_the_current_step_and_exits(tiny_dir, tmp_path, signum, cod
     [saved] = step_dirs(out)
     steps = len(metrics.read_text().splitlines())
     assert load_checkpoint(saved).step == steps
-    assert f"interrupted by {signal.Signals(signum).name}" in stdout
+    assert f"interrupted by {signal.Signals(signum).name}" in stderr
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zptr import cli
+from zptr.app import cli
 from zptr.checkpoint import load_checkpoint
 from zptr.config import GOLDEN_RATIO
 from zptr.dataset import sample_corpus_path

@@ -7,10 +7,12 @@ metadata, so a converted model and its runtime always agree with the training ru
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ZptrError
+from .errors import ConfigError
+from .jsonio import load_dataclass
 
 FORMAT_VERSION = 1
 
@@ -19,11 +21,6 @@ ROTATION_KINDS = ("so8", "dense")
 ROUTING_MODES = ("threshold", "resonance")
 # Cluster order is part of the format: index k of the stacked expert tensors is CLUSTERS[k].
 CLUSTERS = ("BOUNDARY", "DEPTH", "PHASE", "BASE")
-SUPPORTED_ARCHITECTURES = ("llama", "phi3", "qwen2", "gemma3_text")
-
-
-class ZptrConfigError(ZptrError, ValueError):
-    """A configuration value is out of range or of the wrong kind."""
 
 
 @dataclass
@@ -35,6 +32,14 @@ class AlphaSchedule:
     warmup_steps: int = 50
     annealing_steps: int = 400
 
+    def __post_init__(self) -> None:
+        for name in ("start", "target"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"schedule.{name} must be finite, got {getattr(self, name)}")
+        for name in ("warmup_steps", "annealing_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"schedule.{name} must not be negative, got {getattr(self, name)}")
+
     def alpha_at(self, step: int) -> float:
         if step <= self.warmup_steps:
             return self.start
@@ -42,6 +47,11 @@ class AlphaSchedule:
             return self.target
         progress = min(1.0, (step - self.warmup_steps) / self.annealing_steps)
         return self.start + progress * (self.target - self.start)
+
+
+def sigmoid(x: float) -> float:
+    """The logistic function of a scalar gate logit (alpha, omega)."""
+    return 0.5 * (1.0 + math.tanh(0.5 * x))  # no overflow for large |x|
 
 
 def phase_status(alpha: float, target: float = GOLDEN_RATIO) -> str:
@@ -64,15 +74,21 @@ class OmegaConfig:
     phase_decay: float = 0.9
     gate_init: float = -5.0  # omega, the residual gate's logit: sigmoid(-5) ~ 0.0067
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.routing not in ROUTING_MODES:
-            raise ZptrConfigError(f"omega routing {self.routing!r} is not one of {ROUTING_MODES}")
+            raise ConfigError(f"omega routing {self.routing!r} is not one of {ROUTING_MODES}")
         for name in ("boundary_threshold", "depth_threshold", "phase_threshold"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
-                raise ZptrConfigError(f"omega {name} must lie in (0, 1), got {value}")
+                raise ConfigError(f"omega {name} must lie in (0, 1), got {value}")
         if not 0.0 <= self.phase_decay < 1.0:
-            raise ZptrConfigError(f"omega phase_decay must lie in [0, 1), got {self.phase_decay}")
+            raise ConfigError(f"omega phase_decay must lie in [0, 1), got {self.phase_decay}")
+        for name in ("origin_scale", "gate_init"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"omega {name} must be finite, got {getattr(self, name)}")
 
 
 @dataclass
@@ -92,11 +108,11 @@ class ZptrConfig:
 
     def validate(self) -> None:
         if self.rotation not in ROTATION_KINDS:
-            raise ZptrConfigError(f"rotation {self.rotation!r} is not one of {ROTATION_KINDS}")
+            raise ConfigError(f"rotation {self.rotation!r} is not one of {ROTATION_KINDS}")
         if self.hidden_size <= 0:
-            raise ZptrConfigError(f"hidden_size must be positive, got {self.hidden_size}")
+            raise ConfigError(f"hidden_size must be positive, got {self.hidden_size}")
         if self.rotation == "so8" and self.hidden_size % 8 != 0:
-            raise ZptrConfigError(
+            raise ConfigError(
                 f"rotation 'so8' needs hidden_size divisible by 8, got {self.hidden_size} "
                 f"({self.hidden_size} % 8 = {self.hidden_size % 8}); use --rotation dense"
             )
@@ -106,9 +122,7 @@ class ZptrConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ZptrConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ZptrConfigError(f"unknown zptr config keys: {sorted(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: Any, where: str = "zptr config", key: str = "") -> "ZptrConfig":
+        """From JSON data: every key type-checked, every value range-checked (errors name
+        ``where`` and the key)."""
+        return load_dataclass(cls, data, where, key)

@@ -16,10 +16,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .checkpoint import sha256_file
+from .fileio import sha256_file
 from .errors import ZptrError
 
 SAMPLE_CORPUS = "sample_corpus.jsonl"
+MIXED_TEXT = "mixed_text.txt"
 IGNORE_INDEX = -100  # label value cross-entropy skips (padding)
 
 
@@ -48,6 +49,12 @@ class TokenizedExample:
 def sample_corpus_path() -> Path:
     """The English/Japanese sample corpus shipped with the package."""
     return Path(str(resources.files("zptr") / "data" / SAMPLE_CORPUS))
+
+
+def mixed_text_path() -> Path:
+    """A fixed text of English, Japanese, code and emoji shipped with the package: the held-out
+    text of parity tests and of the benchmark's quality columns."""
+    return Path(str(resources.files("zptr") / "data" / MIXED_TEXT))
 
 
 def _check_messages(messages: Any) -> Optional[str]:

@@ -1,5 +1,69 @@
-"""The one exception family the CLI turns into a clean one-line error and a non-zero exit."""
+"""Every error ZPTR raises on bad input, in one place.
+
+The CLI turns a :class:`ZptrError` into one line on stderr and a non-zero exit code; the
+subclasses exist so that callers (and tests) can tell the families of problems apart.
+"""
+
+from __future__ import annotations
+
+import signal
 
 
 class ZptrError(Exception):
     """Bad input or state that a user can fix; the message names the problem."""
+
+    exit_code = 1
+
+
+class ConfigError(ZptrError, ValueError):
+    """A configuration value (file or argument) is of the wrong type or out of range."""
+
+
+class CheckpointError(ZptrError, ValueError):
+    """A checkpoint is missing, corrupt, tampered with or inconsistent."""
+
+
+class DatasetError(ZptrError, ValueError):
+    """Training or calibration data is missing, empty or has a malformed line."""
+
+
+class TrainError(ZptrError, ValueError):
+    """A training setting or a resume source is unusable."""
+
+
+class ConvertError(ZptrError, ValueError):
+    """Converter input that cannot become a faithful GGUF: the message names file and problem."""
+
+
+class SidecarError(ZptrError, ValueError):
+    """An Omega sidecar is missing, corrupt, of another format, or pairs with another model."""
+
+
+class ModelLoadError(ZptrError, RuntimeError):
+    """A model file cannot be opened (missing, not GGUF, truncated, refused by llama.cpp)."""
+
+
+class OmegaModeError(ZptrError, ValueError):
+    """An Omega mode that cannot run (unknown name, or on without a sidecar)."""
+
+
+class OutputExistsError(ZptrError, FileExistsError):
+    """An output path exists and ``--overwrite`` was not given."""
+
+    def __init__(self, path: object):
+        super().__init__(f"{path} exists (pass --overwrite to replace it)")
+        self.path = path
+
+
+class Interrupted(ZptrError):
+    """SIGINT or SIGTERM stopped the work; nothing partial was left behind.
+
+    The exit code follows the shell convention 128 + signal number (130 for Ctrl-C, 143 for
+    SIGTERM).
+    """
+
+    def __init__(self, signum: int, message: str = ""):
+        name = signal.Signals(signum).name
+        super().__init__(message or f"interrupted by {name}; no output was written")
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -201,6 +201,19 @@ def omega_recurrences(hidden: torch.Tensor, state: OmegaState, decay: float
     return torch.stack(phases, 1), torch.stack(deltas, 1), new_state
 
 
+# Router layers each routing mode leaves unused (they stay in the state dict, untrained).
+UNUSED_BY_ROUTING: dict[str, tuple[str, ...]] = {
+    "threshold": ("resonance_linear", "resonance_sin"),
+    "resonance": ("boundary", "router_depth", "router_phase"),
+}
+
+
+def unused_router_parameters(router: "OmegaRouter") -> list[nn.Parameter]:
+    """The parameters the router's routing mode never uses."""
+    return [param for prefix in UNUSED_BY_ROUTING[router.config.routing]
+            for param in getattr(router, prefix).parameters()]
+
+
 class OmegaRouter(nn.Module):
     """Omega router of seed 001 (threshold mode) and seed 000's resonance mode."""
 
@@ -289,13 +302,8 @@ class ZptrHead(nn.Module):
         return self.soul.rotation.orthogonality_loss()
 
 
-def route_names(routes: torch.Tensor) -> list:
-    """Route indices to cluster names, nested like the input."""
-    return [[CLUSTERS[int(r)] for r in row] for row in routes.reshape(routes.shape[0], -1)]
-
-
 __all__ = [
     "BOUNDARY", "DEPTH", "PHASE", "BASE", "Rotation", "Soul", "OmegaState", "OmegaRouter",
     "ZptrHead", "omega_recurrences", "threshold_routes", "fold_lm_head", "rotation_errors",
-    "dense_rotation", "route_names",
+    "dense_rotation", "unused_router_parameters",
 ]

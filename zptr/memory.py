@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import OmegaConfig, ZptrConfig
-from .head import ZptrHead
+from .head import ZptrHead, unused_router_parameters
 
 MIB = 2 ** 20
 # What the Python process holds before any model: interpreter, torch, transformers, peft,
@@ -75,13 +75,10 @@ def lora_parameters(model: nn.Module, targets: list[str], r: int) -> tuple[int, 
 
 
 def head_parameters(hidden: int, rotation: str, routing: str) -> int:
-    from .trainer import UNUSED_BY_ROUTING
-
     with torch.device("meta"):
         head = ZptrHead(ZptrConfig(hidden_size=hidden, rotation=rotation,
                                    omega=OmegaConfig(routing=routing)))
-    unused = {id(p) for prefix in UNUSED_BY_ROUTING[routing]
-              for p in getattr(head.omega, prefix).parameters()}
+    unused = {id(p) for p in unused_router_parameters(head.omega)}
     return sum(p.numel() for p in head.parameters() if id(p) not in unused)
 
 
@@ -105,12 +102,12 @@ def activation_elements_per_token(config, seq_len: int, lora_inputs_per_layer: i
 def estimate(cfg) -> MemoryEstimate:
     """Peak memory of ``zptr train`` with these settings (a TrainConfig), per process."""
     from .model import architecture_of
-    from .trainer import resolve_lora_targets
+    from .training.setup import resolve_lora_targets
 
     model, config = _meta_model(cfg)
     architecture = architecture_of(model)
     element = 4  # float32 training; bnb computes in float32 too here
-    targets = resolve_lora_targets(model, architecture, cfg.lora_targets)
+    targets = resolve_lora_targets(model, cfg.lora_targets)
     lora_count, lora_inputs = lora_parameters(model, targets, cfg.lora_r)
     head_count = head_parameters(config.hidden_size, cfg.rotation, cfg.routing)
     trainable = lora_count + head_count

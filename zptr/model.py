@@ -18,25 +18,15 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .config import SUPPORTED_ARCHITECTURES, ZptrConfig
-from .errors import ZptrError
+from .config import ZptrConfig
+from .errors import ConfigError
+from .families import family_of
 from .head import OmegaState, ZptrHead
 
 
-class UnsupportedArchitectureError(ZptrError, ValueError):
-    pass
-
-
 def architecture_of(lm: nn.Module) -> str:
-    """The ``model_type`` of a (possibly PEFT-wrapped) causal LM, checked against the supported."""
-    model_type = getattr(lm.config, "model_type", None)
-    if model_type == "gemma3":  # a text-only gemma3 checkpoint may carry the multimodal type
-        model_type = "gemma3_text"
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return model_type
+    """The registry family of a (possibly PEFT-wrapped) causal LM; unsupported ones refused."""
+    return family_of(getattr(lm.config, "model_type", None)).name
 
 
 def _unwrap(lm: nn.Module) -> nn.Module:
@@ -47,10 +37,10 @@ def _unwrap(lm: nn.Module) -> nn.Module:
 
 
 def final_norm(lm: nn.Module) -> nn.Module:
-    """The norm whose output is the h_t of SPEC §2 (``model.model.norm`` on all four families)."""
+    """The norm whose output is h_t (``model.model.norm`` in every registry family)."""
     decoder = _unwrap(lm).model
     if not hasattr(decoder, "norm"):
-        raise UnsupportedArchitectureError(f"{type(decoder).__name__} has no final norm")
+        raise ConfigError(f"{type(decoder).__name__} has no final norm")
     return decoder.norm
 
 
@@ -71,7 +61,7 @@ class ZptrModel(nn.Module):
         self.architecture = architecture_of(lm)
         hidden = _unwrap(lm).config.hidden_size
         if config.hidden_size != hidden:
-            raise ValueError(f"zptr hidden_size {config.hidden_size} != base model hidden size {hidden}")
+            raise ConfigError(f"zptr hidden_size {config.hidden_size} != base model hidden size {hidden}")
         self.lm = lm
         self.config = config
         self.head = ZptrHead(config)

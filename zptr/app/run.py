@@ -10,9 +10,8 @@ import argparse
 import sys
 from typing import Optional, TextIO
 
-from zptr.config import CLUSTERS
-
-from .engine import OMEGA_MODES, Generation, ZptrLlama, collect
+from ..config import CLUSTERS
+from ..runtime.engine import OMEGA_MODES, Generation, ZptrLlama, collect
 
 # ANSI colours per route (BOUNDARY, DEPTH, PHASE, BASE); BASE stays uncoloured.
 ROUTE_COLOURS = {"BOUNDARY": "\033[31m", "DEPTH": "\033[34m", "PHASE": "\033[32m", "BASE": ""}

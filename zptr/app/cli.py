@@ -1,0 +1,95 @@
+"""The ``zptr`` command: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module of ``zptr.app`` exposing ``add_arguments(parser)`` and
+``main(args) -> int``; this table is the whole wiring. Only the chosen subcommand's module is
+imported, so ``zptr inspect`` does not pay for torch and llama.cpp.
+
+Errors: a :class:`~zptr.errors.ZptrError` becomes one line on stderr and its exit code (1, or
+128 + signal for an interrupt); anything else is a bug, reported in one line too (exit 70) with
+``ZPTR_DEBUG=1`` giving the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+from typing import Optional, Sequence
+
+from ..errors import Interrupted, ZptrError
+from . import args as common
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("zptr.app.train", "fine-tune a base model with LoRA + soul + Omega"),
+    "convert": ("zptr.app.convert", "checkpoint or HF model -> GGUF (soul folded) + Omega sidecar"),
+    "quantize": ("zptr.app.quantize", "re-quantize a GGUF to any llama.cpp type"),
+    "run": ("zptr.app.run", "generate with a GGUF on llama.cpp, Omega routing on top"),
+    "bench": ("zptr.app.bench", "tokens/s and quality: PyTorch path vs llama.cpp path"),
+    "inspect": ("zptr.app.inspect", "describe a checkpoint or a GGUF file"),
+    "demo": ("zptr.app.demo", "the whole pipeline on the bundled SmolLM2-135M"),
+}
+EXIT_BUG = 70  # EX_SOFTWARE
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's arguments are built (its module imported)."""
+    parser = argparse.ArgumentParser(prog="zptr", description="Soul-injected language models on llama.cpp")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name != command:
+            continue
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub_parser)
+        common.add_verbose(sub_parser)
+        sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
+    prefix = f"zptr {args.command}"
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # Both signals unwind through the finally blocks that remove temporary outputs.
+        for signum in previous:
+            signal.signal(signum, _raise_interrupt)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers
+        previous = {}
+    try:
+        from ..native_log import native_log
+
+        with native_log(verbose=args.verbose):
+            return int(args._module.main(args) or 0)
+    except ZptrError as err:
+        if os.environ.get("ZPTR_DEBUG"):
+            raise
+        kind = "" if isinstance(err, Interrupted) else "error: "
+        print(f"{prefix}: {kind}{err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: still one line, never a traceback, unless asked for
+        if os.environ.get("ZPTR_DEBUG"):
+            raise
+        message = str(err).splitlines()[0] if str(err) else ""
+        print(f"{prefix}: internal error (a bug): {type(err).__name__}: {message} "
+              "(run with ZPTR_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_BUG
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

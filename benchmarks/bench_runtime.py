@@ -5,12 +5,12 @@ checkpoint of the bundled SmolLM2-135M with a random soul and Omega router at th
 converts it with the project's converter to q4_k_m + sidecar, then measures, interleaving the
 paths round by round so a busy machine slows them alike:
 
-* bare: a plain ``llama_cpp.Llama`` (no embeddings, no processor),
-* off / fast / exact: ``ZptrLlama`` (embeddings on for fast / exact) with the Omega processor,
+* bare: stock llama-cpp-python, ``Llama.generate`` greedy (no embeddings, no processor),
+* off / fast / exact: ``ZptrLlama.stream`` greedy (embeddings on for fast / exact),
+* fast-processor: llama-cpp-python's generator with the Omega logits processor (the path of
+  create_completion and of sampling),
 
-each through llama-cpp-python's own ``Llama.generate`` token loop (what create_completion runs),
-greedy, ``-n`` tokens after a ``-p``-token prompt: prefill = time to the first token, decode =
-the rest. Then greedy fast vs exact on 20 prompts x 64 tokens: equal output and
+``-n`` tokens after a ``-p``-token prompt: prefill = time to the first token, decode = the rest. Then greedy fast vs exact on 20 prompts x 64 tokens: equal output and
 the share of certified tokens. Prints figures; asserts nothing.
 
     .venv/bin/python benchmarks/bench_runtime.py [--gate -5] [--rounds 3] [-n 128] [-p 256]
@@ -64,20 +64,23 @@ def timed(generator, prompt_len: int, n_tokens: int) -> tuple[float, float]:
     return prompt_len / (first - start), (n_tokens - 1) / (end - first)
 
 
-def token_generators(bare, engines: dict) -> dict:
-    """name -> (prompt -> greedy token generator): llama-cpp-python's own ``Llama.generate``
-    loop for every path; the Omega paths add their logits processor, as create_completion does."""
+def token_generators(bare, engines: dict, n_gen: int) -> dict:
+    """name -> (prompt -> greedy token generator). ``bare`` is stock llama-cpp-python's
+    ``Llama.generate`` (the baseline); off / fast / exact are ``ZptrLlama.stream``, the engine's
+    own greedy loop; ``fast-processor`` is llama-cpp-python's loop with the Omega logits
+    processor (the path create_completion and sampling take)."""
     from llama_cpp import LogitsProcessorList
 
-    def omega(engine):
-        def make(prompt):
-            processors = (LogitsProcessorList([engine.logits_processor(1)])
-                          if engine.omega_on else None)
-            return engine.llm.generate(prompt, temp=0.0, logits_processor=processors)
-        return make
+    def engine_stream(engine):
+        return lambda prompt: engine.stream(prompt, max_tokens=n_gen, ignore_eos=True)
+
+    def processor(engine):
+        return lambda prompt: engine.llm.generate(
+            prompt, temp=0.0, logits_processor=LogitsProcessorList([engine.logits_processor(1)]))
 
     return {"bare": lambda prompt: bare.generate(prompt, temp=0.0),
-            **{mode: omega(engine) for mode, engine in engines.items()}}
+            **{mode: engine_stream(engine) for mode, engine in engines.items()},
+            "fast-processor": processor(engines["fast"])}
 
 
 def report_timing(paths: dict, bare, engines: dict, prompt: list[int], args) -> None:
@@ -122,7 +125,7 @@ def main() -> int:
     common = dict(n_ctx=n_ctx, n_batch=512, n_threads=args.threads)
     bare = open_llama(model, **common)
     engines = {mode: ZptrLlama(model, omega=mode, **common) for mode in ("off", "fast", "exact")}
-    paths = token_generators(bare, engines)
+    paths = token_generators(bare, engines, args.n_gen)
     text = mixed_text_path().read_text(encoding="utf-8") * 4
     prompt = bare.tokenize(text.encode("utf-8"), add_bos=True)[: args.n_prompt]
 

@@ -19,7 +19,8 @@ remain, or two of them are closer than rounding could separate, it falls back to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from functools import cached_property
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -57,47 +58,96 @@ def recurrences(hidden: np.ndarray, phase: Optional[np.ndarray], last: Optional[
 
 @dataclass
 class Routing:
-    """Per position: o_t (T, D), route index (T,), and the distance of the deciding score from
-    its threshold (threshold mode) or of the top two weights (resonance mode)."""
+    """Per position: the route index (T,), the distance of the deciding score from its threshold
+    (threshold mode) or of the top two weights (resonance mode), the factor g of the chosen
+    cluster (||o_t|| <= g sqrt(D)), and o_t itself, computed only when asked for."""
 
-    outputs: np.ndarray
     routes: np.ndarray
     margins: np.ndarray
+    gates: np.ndarray
+    _experts: Callable[[], np.ndarray]
+
+    @cached_property
+    def outputs(self) -> np.ndarray:
+        """o_t for every position, (T, D)."""
+        return self._experts()
+
+    def output_bound(self, row: int, hidden_size: int) -> float:
+        """An upper bound of ||o_row|| known before o is computed: |tanh| <= 1 per component."""
+        return float(self.gates[row]) * float(np.sqrt(hidden_size))
+
+
+def _fold(matrix: np.ndarray, bias: Optional[np.ndarray], depth_w: np.ndarray, depth_b: np.ndarray,
+          d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A linear map M of z = [h, p, d] with d = P delta + b_P, as (M_h, M_p, M_d P, M_d b_P + b):
+    the depth projection's D x D product folded away (in float64, then float32)."""
+    m = matrix.astype(np.float64)
+    folded = (m[:, 2 * d:] @ depth_w.astype(np.float64)).astype(np.float32)
+    constant = m[:, 2 * d:] @ depth_b.astype(np.float64) + (0.0 if bias is None else bias)
+    return (np.ascontiguousarray(matrix[:, :d]), np.ascontiguousarray(matrix[:, d:2 * d]), folded,
+            constant.astype(np.float32))
 
 
 class OmegaRouter:
-    """The Omega router over NumPy float32 arrays named as in a checkpoint (``omega.*``)."""
+    """The Omega router over NumPy float32 arrays named as in a checkpoint (``omega.*``).
+
+    z_t = [h_t, p_t, d_t] only ever enters linear maps (the three scores, the resonance maps), and
+    d_t is linear in delta_t: those maps are folded with the depth projection once, so a decoded
+    token costs one D x D product for p_t and one for its cluster (only when o_t is needed).
+    """
 
     def __init__(self, tensors: dict[str, np.ndarray], config: OmegaConfig):
         t = {name.removeprefix("omega."): np.asarray(v, np.float32) for name, v in tensors.items()}
         self.config = config
-        self.hidden_size = t["phase.weight"].shape[0]
+        d = self.hidden_size = t["phase.weight"].shape[0]
         self.gate = float(sigmoid(np.float64(t["gate"])))  # sigma(omega)
         self.phase_w, self.phase_b = t["phase.weight"], t["phase.bias"]
         self.origin_w, self.origin_b = t["origin.weight"], t["origin.bias"]
-        self.depth_w, self.depth_b = t["depth.weight"], t["depth.bias"]
-        # The three threshold scores b, r_depth, r_phase as one (3, 3D) projection.
-        self.score_w = np.concatenate([t["boundary.weight"], t["router_depth.weight"],
-                                       t["router_phase.weight"]])
-        self.score_b = np.concatenate([t["boundary.bias"], t["router_depth.bias"],
-                                       t["router_phase.bias"]])
+        depth_w, depth_b = t["depth.weight"], t["depth.bias"]
+        # The three threshold scores b, r_depth, r_phase as one (3, 3D) map, folded.
+        scores = np.concatenate([t["boundary.weight"], t["router_depth.weight"], t["router_phase.weight"]])
+        scores_b = np.concatenate([t["boundary.bias"], t["router_depth.bias"], t["router_phase.bias"]])
+        self.scores = _fold(scores, scores_b, depth_w, depth_b, d)
+        self.resonance = _fold(t["resonance_linear.weight"], t["resonance_linear.bias"], depth_w, depth_b, d)
+        self.resonance_sin = _fold(t["resonance_sin.weight"], None, depth_w, depth_b, d)
         self.thresholds = np.array([config.boundary_threshold, config.depth_threshold,
                                     config.phase_threshold], np.float32)
         self.experts_w, self.experts_b = t["experts_weight"], t["experts_bias"]
-        self.res_w, self.res_b = t["resonance_linear.weight"], t["resonance_linear.bias"]
-        self.res_sin_w = t["resonance_sin.weight"]
 
     def origin_term(self, origin: Optional[np.ndarray]) -> np.ndarray:
         """scale (W_origin s + b_origin), constant over a request; s = 0 without an origin."""
         s = np.zeros(self.hidden_size, np.float32) if origin is None else origin
         return np.float32(self.config.origin_scale) * (self.origin_w @ s + self.origin_b)
 
-    def features(self, hidden: np.ndarray, phase: np.ndarray, delta: np.ndarray,
-                 origin_term: np.ndarray) -> np.ndarray:
-        """z_t = [h, p, d] for every row, (T, 3D)."""
+    @staticmethod
+    def _apply(folded: tuple, hidden: np.ndarray, p: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        m_h, m_p, m_delta, constant = folded
+        return hidden @ m_h.T + p @ m_p.T + delta @ m_delta.T + constant
+
+    def route(self, hidden: np.ndarray, phase: np.ndarray, delta: np.ndarray,
+              origin_term: np.ndarray) -> Routing:
+        hidden = np.atleast_2d(np.asarray(hidden, np.float32))
+        phase, delta = np.atleast_2d(phase), np.atleast_2d(delta)
         p = np.tanh(phase @ self.phase_w.T + self.phase_b + origin_term)
-        d = delta @ self.depth_w.T + self.depth_b
-        return np.concatenate([hidden, p, d], axis=-1)
+        if self.config.routing == "resonance":
+            logits = self._apply(self.resonance, hidden, p, delta) + np.sin(
+                self._apply(self.resonance_sin, hidden, p, delta))
+            weights = np.exp(logits - logits.max(1, keepdims=True))
+            weights /= weights.sum(1, keepdims=True)
+            top2 = np.sort(weights, 1)[:, -2:]
+            return Routing(weights.argmax(1), top2[:, 1] - top2[:, 0], np.ones(len(hidden), np.float32),
+                           lambda: self._mixed_experts(hidden, weights))
+        scores = sigmoid(self._apply(self.scores, hidden, p, delta))  # (T, 3): b, r_depth, r_phase
+        above = scores > self.thresholds
+        # First score above its threshold decides (BOUNDARY, DEPTH, PHASE); none: BASE.
+        routes = np.where(above.any(1), above.argmax(1), BASE)
+        # The deciding scores are those examined up to the decision: all three for BASE.
+        distance = np.abs(scores - self.thresholds)
+        examined = np.arange(3)[None, :] <= np.minimum(routes, 2)[:, None]
+        margins = np.where(examined, distance, np.inf).min(1)
+        gates = np.take_along_axis(np.concatenate([scores, np.ones((len(scores), 1), np.float32)], 1),
+                                   routes[:, None], 1)[:, 0]
+        return Routing(routes, margins, gates, lambda: gates[:, None] * self._experts(hidden, routes))
 
     def _experts(self, hidden: np.ndarray, clusters: np.ndarray) -> np.ndarray:
         """tanh(W_k h + b_k) for cluster ``clusters[t]`` of each row t."""
@@ -107,34 +157,11 @@ class OmegaRouter:
             out[rows] = np.tanh(hidden[rows] @ self.experts_w[k].T + self.experts_b[k])
         return out
 
-    def route(self, hidden: np.ndarray, phase: np.ndarray, delta: np.ndarray,
-              origin_term: np.ndarray) -> Routing:
-        hidden = np.atleast_2d(np.asarray(hidden, np.float32))
-        z = self.features(hidden, np.atleast_2d(phase), np.atleast_2d(delta), origin_term)
-        if self.config.routing == "resonance":
-            return self._resonance(hidden, z)
-        scores = sigmoid(z @ self.score_w.T + self.score_b)  # (T, 3): b, r_depth, r_phase
-        above = scores > self.thresholds
-        # First score above its threshold decides (BOUNDARY, DEPTH, PHASE); none: BASE.
-        routes = np.where(above.any(1), above.argmax(1), BASE)
-        # The deciding scores are those examined up to the decision: all three for BASE.
-        distance = np.abs(scores - self.thresholds)
-        examined = np.arange(3)[None, :] <= np.minimum(routes, 2)[:, None]
-        margins = np.where(examined, distance, np.inf).min(1)
-        gates = np.concatenate([scores, np.ones((len(z), 1), np.float32)], 1)
-        gate = np.take_along_axis(gates, routes[:, None], 1)
-        return Routing(gate * self._experts(hidden, routes), routes, margins)
-
-    def _resonance(self, hidden: np.ndarray, z: np.ndarray) -> Routing:
-        logits = z @ self.res_w.T + self.res_b + np.sin(z @ self.res_sin_w.T)
-        weights = np.exp(logits - logits.max(1, keepdims=True))
-        weights /= weights.sum(1, keepdims=True)
+    def _mixed_experts(self, hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
         outputs = np.zeros_like(hidden)
         for k in range(len(CLUSTERS)):
-            outputs += weights[:, k:k + 1] * np.tanh(hidden @ self.experts_w[k].T
-                                                     + self.experts_b[k])
-        top2 = np.sort(weights, 1)[:, -2:]
-        return Routing(outputs, weights.argmax(1), top2[:, 1] - top2[:, 0])
+            outputs += weights[:, k:k + 1] * np.tanh(hidden @ self.experts_w[k].T + self.experts_b[k])
+        return outputs
 
 
 @dataclass
@@ -171,6 +198,21 @@ class Corrector:
         """Exact correction of many positions at once: (T, V) + c (T, D) W'^T."""
         return logits + self.gate * (outputs @ self.matrix.T)
 
+    def _tolerance(self, radius: float) -> float:
+        return max(CERTIFY_TOLERANCE, self.rounding * radius)
+
+    def greedy_before_output(self, logits: np.ndarray, bound: float) -> Optional[int]:
+        """The greedy token when the base margin alone decides it: with ||o|| <= ``bound`` known
+        before o is computed, no token's correction can overtake the base argmax. None otherwise."""
+        radius = self.gate * np.float32(bound)
+        top = int(np.argmax(logits))
+        upper = logits + radius * self.row_norms
+        upper[top] = -np.inf
+        if logits[top] - radius * self.row_norms[top] - self._tolerance(float(radius)) > upper.max():
+            self.stats.certified += 1
+            return top
+        return None
+
     def fast(self, logits: np.ndarray, output: np.ndarray, keep: int = 1) -> np.ndarray:
         """Logits whose top ``keep`` tokens and their values equal the exact mode's.
 
@@ -187,7 +229,7 @@ class Corrector:
         shift = self.gate * (self.matrix[seeds] @ output)
         floor = float((logits[seeds] + shift).min())  # <= the exact keep-th largest value
         radius = self.gate * np.float32(np.linalg.norm(output))
-        tolerance = max(CERTIFY_TOLERANCE, self.rounding * float(radius))
+        tolerance = self._tolerance(float(radius))
         upper = logits + radius * self.row_norms
         candidates = np.flatnonzero(upper >= floor - tolerance)
         if len(candidates) > self.max_candidates:

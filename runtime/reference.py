@@ -16,7 +16,8 @@ import torch
 
 from zptr.model import ZptrModel
 
-from .engine import Generation, collect
+from .engine import Generation, Token, collect
+from .sampling import SamplingSettings
 
 
 def sample_token(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
@@ -66,37 +67,36 @@ class TorchReference:
         return out.logits[0].float().cpu().numpy(), out.routes[0].cpu().numpy()
 
     @torch.no_grad()
-    def stream(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128,
-               temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
-               min_p: float = 0.05, seed: Optional[int] = None, stop_at_eos: bool = True,
-               **_: Any) -> Iterator[tuple[int, str, int]]:
-        """(token, text piece, route) per generated token, KV cache and Omega state carried."""
+    def stream(self, prompt: Union[str, Sequence[int]], settings: Optional[SamplingSettings] = None,
+               **sampling: Any) -> Iterator[Token]:
+        """The generated tokens with their text and route, KV cache and Omega state carried."""
+        settings = settings or SamplingSettings(**sampling)
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(settings.seed)
         eos = self.tokenizer.eos_token_id
         state, past = None, None
         step = torch.tensor([tokens], device=self.device)
         text_so_far = ""
         generated: list[int] = []
-        for _ in range(max_tokens):
+        for _ in range(settings.max_tokens):
             # Only the last position's logits are sampled: skip the prompt's vocabulary products.
             out = self.model(step, origin=self.origin, omega_state=state, past_key_values=past,
                              use_cache=True, logits_to_keep=1)
             state, past = out.omega_state, out.past_key_values
-            token = sample_token(out.logits[0, -1].float().cpu().numpy(), temperature, top_k,
-                                 top_p, min_p, rng)
-            if stop_at_eos and token == eos:
+            token = sample_token(out.logits[0, -1].float().cpu().numpy(), settings.temperature,
+                                 settings.top_k, settings.top_p, settings.min_p, rng)
+            if token == eos and not settings.ignore_eos:
                 return
             generated.append(token)
             text = self.tokenizer.decode(generated)
             piece, text_so_far = text[len(text_so_far):], text
-            yield token, piece, int(out.routes[0, -1])
+            yield Token(token, piece, int(out.routes[0, -1]))
             step = torch.tensor([[token]], device=self.device)
 
     def generate(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128,
                  **sampling: Any) -> Generation:
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        return collect(tokens, self.stream(tokens, max_tokens, **sampling))
+        return collect(tokens, self.stream(tokens, max_tokens=max_tokens, **sampling))
 
 
 

@@ -17,15 +17,12 @@ from typing import Any, Optional, Union
 import torch
 
 from .fileio import sha256_file
-from .errors import ZptrError
+from .errors import DatasetError
 
 SAMPLE_CORPUS = "sample_corpus.jsonl"
 MIXED_TEXT = "mixed_text.txt"
 IGNORE_INDEX = -100  # label value cross-entropy skips (padding)
 
-
-class DatasetError(ZptrError, ValueError):
-    """The training data is missing, empty or has a malformed line."""
 
 
 @dataclass

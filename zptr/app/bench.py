@@ -43,9 +43,6 @@ OMEGA_MODES = ("off", "fast", "exact")
 DEFAULT_TEXT = mixed_text_path()
 
 
-class BenchError(ZptrError):
-    """A benchmark cannot run as asked (unknown path, missing model, failed worker)."""
-
 
 @dataclass(frozen=True)
 class PathSpec:
@@ -292,7 +289,7 @@ def run_path(spec: dict) -> dict:
     """Time one path in every asked Omega mode, then save its teacher-forced logits (a second
     pass, so the peak RSS reported is the one of generation alone)."""
     prompt, start, n_gen = spec["prompt"], spec["prompt"][:1], spec["n_gen"]
-    greedy = dict(temperature=0.0, stop_at_eos=False)
+    greedy = dict(temperature=0.0, ignore_eos=True)
     modes: dict[str, dict] = {m: {"prefill": [], "decode": []} for m in spec["modes"]}
     with BACKENDS[spec["backend"]](spec, False) as (runners, info):
         if spec["timing"]:
@@ -333,7 +330,7 @@ def run_worker(spec: dict) -> dict:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise BenchError(f"bench worker for {spec['name']} failed (exit {proc.returncode}):\n{tail}")
+        raise ZptrError(f"bench worker for {spec['name']} failed (exit {proc.returncode}):\n{tail}")
     return json.loads(Path(spec["result"]).read_text())
 
 
@@ -362,7 +359,7 @@ def bench_tokens(checkpoint: Path, n_prompt: int, text_file: Optional[Path]) -> 
 
     tokenizer = load_tokenizer(load_checkpoint(checkpoint).base_model)
     if text_file is not None and not Path(text_file).is_file():
-        raise BenchError(f"{text_file}: quality text file not found")
+        raise ZptrError(f"{text_file}: quality text file not found")
     path = Path(text_file) if text_file else DEFAULT_TEXT
     text = path.read_text(encoding="utf-8")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -401,7 +398,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     names = list(config.paths)
     missing = [n for n in names if PATHS[n].backend == "llama" and PATHS[n].kind not in config.ggufs]
     if missing:
-        raise BenchError(f"no GGUF given for {', '.join(missing)}")
+        raise ZptrError(f"no GGUF given for {', '.join(missing)}")
     prompt, text = bench_tokens(config.checkpoint, config.n_prompt, config.text_file)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     document: dict[str, Any] = {
@@ -636,11 +633,11 @@ def main(args: argparse.Namespace) -> int:
         return worker_main(args.worker)
     for flag, value in (("-p", args.n_prompt), ("-n", args.n_gen), ("-r", args.repetitions)):
         if value < 1:
-            raise BenchError(f"{flag} must be at least 1, got {value}")
+            raise ZptrError(f"{flag} must be at least 1, got {value}")
     paths = args.paths or default_paths()
     cuda_less = [n for n in paths if PATHS[n].needs_cuda and n not in default_paths()]
     if cuda_less:
-        raise BenchError(f"{', '.join(cuda_less)} needs CUDA, which this machine lacks")
+        raise ZptrError(f"{', '.join(cuda_less)} needs CUDA, which this machine lacks")
     output_dir = args.output_dir
     checkpoint = ensure_checkpoint(args.model, output_dir)
     kinds = [PATHS[n].kind for n in paths if PATHS[n].backend == "llama"]

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import ZptrError
 from ..fileio import atomic_file
+from .args import add_threads, threads
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 SUMMARY_FILE = "demo.json"
@@ -29,9 +30,6 @@ OUTPUTS = ("train", "models", "bench", "generation.txt", SUMMARY_FILE)
 # Route tag shown after each generated token.
 ROUTE_TAGS = {"BOUNDARY": "B", "DEPTH": "D", "PHASE": "P", "BASE": "·"}
 
-
-class DemoError(ZptrError):
-    """The demo cannot run or one of its stages did not deliver what it must."""
 
 
 @dataclass(frozen=True)
@@ -59,21 +57,21 @@ def compressed_schedule(steps: int) -> tuple[int, int]:
     """(warmup, annealing) that end the alpha ramp before the last step, so it ends golden:
     a sixth of the run at the start value, two thirds ramping, the rest held at golden."""
     if steps < 3:
-        raise DemoError(f"--steps must be at least 3 to warm up, anneal and hold golden, got {steps}")
+        raise ZptrError(f"--steps must be at least 3 to warm up, anneal and hold golden, got {steps}")
     warmup = max(1, steps // 6)
     annealing = max(1, (2 * steps) // 3)
     return warmup, annealing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output-dir", type=Path, default=Path("zptr-demo"),
+    parser.add_argument("--output-dir", type=Path, default=Path("zptr-demo"),
                         help="where every output goes (default: ./zptr-demo)")
     parser.add_argument("--quick", action="store_true",
                         help="a reduced run (4 steps, tiny bench): a first look, or a test")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default 40; 4 with --quick)")
     parser.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="prompt of the generation")
-    parser.add_argument("-t", "--threads", type=int, default=0, help="threads (0: all cores)")
+    add_threads(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier demo in --output-dir")
 
@@ -90,7 +88,7 @@ def _stage(number: int, total: int, title: str) -> None:
 def _prepare(output_dir: Path, overwrite: bool) -> None:
     existing = [name for name in OUTPUTS if (output_dir / name).exists()]
     if existing and not overwrite:
-        raise DemoError(f"{output_dir} already holds demo outputs ({', '.join(existing)}); "
+        raise ZptrError(f"{output_dir} already holds demo outputs ({', '.join(existing)}); "
                         "pass --overwrite or choose another --output-dir")
     for name in existing:
         path = output_dir / name
@@ -110,7 +108,7 @@ def train_stage(output_dir: Path, size: Size, steps: int) -> Path:
                                    save_steps=steps, max_length=size.max_length))
     phase = load_checkpoint(checkpoint).phase
     if phase != "golden":
-        raise DemoError(f"{checkpoint}: training ended in phase {phase!r}, not golden")
+        raise ZptrError(f"{checkpoint}: training ended in phase {phase!r}, not golden")
     print(f"    checkpoint {checkpoint} (phase {phase})", flush=True)
     return checkpoint
 
@@ -135,15 +133,10 @@ def generate_stage(model_path: Path, prompt: str, max_tokens: int, threads: int,
                    output_dir: Path) -> dict[str, Any]:
     from ..runtime.engine import ZptrLlama
 
-    from ..models import load_tokenizer
-
-    tokenizer = load_tokenizer("bundled")
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
-    tokens = tokenizer(chat, add_special_tokens=False)["input_ids"]
-    engine = ZptrLlama(model_path, omega="fast", n_ctx=len(tokens) + max_tokens + 8,
-                       n_threads=threads or None)
+    engine = ZptrLlama(model_path, omega="fast", n_ctx=1024, n_threads=threads, n_threads_batch=threads)
     try:
+        # The GGUF's own chat template: the prompt is one user turn, as `zptr run -p` makes it.
+        tokens = engine.chat_tokens([{"role": "user", "content": prompt}])
         result = engine.generate(tokens, max_tokens=max_tokens, temperature=0.0)
         certified = engine.stats.certified_share
     finally:
@@ -176,6 +169,7 @@ def main(args: argparse.Namespace) -> int:
     size = SIZES["quick" if args.quick else "full"]
     steps = args.steps if args.steps is not None else size.steps
     compressed_schedule(steps)  # refuse a bad --steps before any work
+    args.threads = threads(args.threads)
     output_dir: Path = args.output_dir
     _prepare(output_dir, args.overwrite)
     started = time.perf_counter()

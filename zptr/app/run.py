@@ -1,7 +1,9 @@
-"""``zptr run MODEL.gguf -p PROMPT -n 128 [--omega auto|off|exact|fast] [--origin TEXT]``.
+"""``zptr run MODEL.gguf -p PROMPT``: generate on llama.cpp with Omega routing (flags as llama-cli).
 
-Prints the generated text; ``--show-routes`` colours each token by its Omega route and ends
-with a route histogram and the fast mode's certified / fallback counts; ``-i`` chats.
+With a chat template in the GGUF, ``-p`` is the user's message in one chat turn (as llama-cli's
+conversation mode) and ``--system`` sets a system prompt; ``--raw`` continues the text as it is.
+``--show-routes`` colours each token by its Omega route and ends with a route histogram and the
+fast mode's certified / fallback counts; ``-i`` chats.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import sys
 from typing import Optional, TextIO
 
 from ..config import CLUSTERS
-from ..runtime.engine import OMEGA_MODES, Generation, ZptrLlama, collect
+from ..errors import ConfigError
+from ..runtime.engine import FINISH_CONTEXT, FINISH_STOP, OMEGA_MODES, Generation, ZptrLlama, collect
+from ..runtime.sampling import SamplingSettings
+from .args import add_threads, threads
 
 # ANSI colours per route (BOUNDARY, DEPTH, PHASE, BASE); BASE stays uncoloured.
 ROUTE_COLOURS = {"BOUNDARY": "\033[31m", "DEPTH": "\033[34m", "PHASE": "\033[32m", "BASE": ""}
@@ -21,8 +26,12 @@ ROUTE_TAGS = {"BOUNDARY": "BND", "DEPTH": "DEP", "PHASE": "PHA", "BASE": "BAS"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="GGUF model file")
-    parser.add_argument("-p", "--prompt", default=None, help="prompt text")
-    parser.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    parser.add_argument("-p", "--prompt", default=None,
+                        help="the user's message (a chat turn when the GGUF has a chat template; "
+                             "the text to continue with --raw)")
+    parser.add_argument("--raw", action="store_true", help="plain completion of -p, no chat template")
+    parser.add_argument("--system", default=None, help="system prompt of the chat")
+    parser.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     parser.add_argument("-i", "--interactive", action="store_true", help="interactive chat")
     parser.add_argument("--omega", choices=OMEGA_MODES, default="auto",
                         help="Omega routing: auto (fast when a sidecar pairs), off, exact, fast")
@@ -30,16 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--origin", default=None, help="origin text (user's own text / persona)")
     parser.add_argument("--show-routes", action="store_true",
                         help="colour tokens by route, print a route histogram")
-    parser.add_argument("--temp", type=float, default=0.0, help="temperature (0: greedy)")
-    parser.add_argument("--top-k", type=int, default=40)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--min-p", type=float, default=0.05)
-    parser.add_argument("--repeat-penalty", type=float, default=1.0)
+    parser.add_argument("--no-color", action="store_true",
+                        help="with --show-routes: tags [BND] [DEP] [PHA] [BAS] instead of colours")
+    parser.add_argument("--temp", type=float, default=0.0, help="temperature (0: greedy; default 0)")
+    parser.add_argument("--top-k", type=int, default=40, help="(default 40; 0: no limit)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="(default 0.95)")
+    parser.add_argument("--min-p", type=float, default=0.05, help="(default 0.05)")
+    parser.add_argument("--repeat-penalty", type=float, default=1.0, help="(default 1.0: none)")
     parser.add_argument("-s", "--seed", type=int, default=None)
-    parser.add_argument("-c", "--ctx-size", type=int, default=2048)
-    parser.add_argument("-t", "--threads", type=int, default=None)
-    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
-    parser.add_argument("--no-color", action="store_true", help="route tags as [BND] [DEP] [PHA] [BAS] before each token")
+    parser.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
+    add_threads(parser)
+    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU")
 
 
 def _render(piece: str, route: Optional[int], args: argparse.Namespace) -> str:
@@ -52,18 +62,23 @@ def _render(piece: str, route: Optional[int], args: argparse.Namespace) -> str:
     return f"{colour}{piece}{RESET}" if colour else piece
 
 
-def _emit(llm: ZptrLlama, prompt, args: argparse.Namespace, out: TextIO) -> Generation:
-    sampling = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    repeat_penalty=args.repeat_penalty, seed=args.seed)
-    tokens = llm.tokenize(prompt) if isinstance(prompt, str) else prompt
-
+def _emit(llm: ZptrLlama, tokens: list[int], settings: SamplingSettings, args: argparse.Namespace,
+          out: TextIO) -> Generation:
     def echoed():
-        for token, piece, route in llm.stream(tokens, args.n_predict, **sampling):
-            out.write(_render(piece, route, args))
+        for token in llm.stream(tokens, settings):
+            out.write(_render(token.piece, token.route, args))
             out.flush()
-            yield token, piece, route
+            yield token
 
-    return collect(tokens, echoed())
+    return collect(tokens, echoed(), lambda: llm.finish_reason)
+
+
+def _notices(llm: ZptrLlama, result: Generation, err: TextIO) -> None:
+    if not result.tokens and result.finish_reason == FINISH_STOP:
+        err.write("zptr run: the model ended its answer at once (its first token ends the turn)\n")
+    if result.finish_reason == FINISH_CONTEXT:
+        err.write(f"zptr run: generation stopped at the end of the context ({llm.n_ctx} tokens; "
+                  "raise -c/--ctx-size)\n")
 
 
 def _summary(llm: ZptrLlama, result: Generation, args: argparse.Namespace, err: TextIO) -> None:
@@ -81,9 +96,14 @@ def _summary(llm: ZptrLlama, result: Generation, args: argparse.Namespace, err: 
               f"decode {result.decode_tps:.1f} tok/s\n")
 
 
-def _chat(llm: ZptrLlama, args: argparse.Namespace) -> None:
-    """A minimal chat loop over the model's chat template (llama-cpp-python's formatter)."""
-    messages: list[dict] = []
+def _messages(args: argparse.Namespace, turns: list[dict]) -> list[dict]:
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + turns
+
+
+def _chat(llm: ZptrLlama, settings: SamplingSettings, args: argparse.Namespace) -> None:
+    """A chat loop over the model's chat template."""
+    turns: list[dict] = []
     while True:
         try:
             line = input("> ")
@@ -92,41 +112,50 @@ def _chat(llm: ZptrLlama, args: argparse.Namespace) -> None:
             return
         if line.strip() in ("/exit", "/quit"):
             return
-        messages.append({"role": "user", "content": line})
-        prompt = _chat_prompt(llm, messages)
-        result = _emit(llm, prompt, args, sys.stdout)
+        if not line.strip():
+            continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            print("zptr run: that line is not valid UTF-8; type it again", file=sys.stderr)
+            continue
+        turns.append({"role": "user", "content": line})
+        result = _emit(llm, llm.chat_tokens(_messages(args, turns)), settings, args, sys.stdout)
         print()
+        _notices(llm, result, sys.stderr)
         if args.show_routes:
             _summary(llm, result, args, sys.stderr)
-        messages.append({"role": "assistant", "content": result.text})
-
-
-def _chat_prompt(llm: ZptrLlama, messages: list[dict]) -> list[int]:
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    template = llm.llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return llm.tokenize(text)
-    eos = llm.llm.detokenize([llm.llm.token_eos()]).decode("utf-8", "replace")
-    bos = llm.llm.detokenize([llm.llm.token_bos()]).decode("utf-8", "replace")
-    formatted = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=messages)
-    return llm.tokenize(formatted.prompt)
+        turns.append({"role": "assistant", "content": result.text})
 
 
 def main(args: argparse.Namespace) -> int:
     if args.prompt is None and not args.interactive:
-        print("zptr run: give a prompt with -p, or -i for a chat", file=sys.stderr)
-        return 2
-    llama_kwargs = {"n_threads": args.threads, "n_gpu_layers": args.n_gpu_layers}
+        raise ConfigError("give a prompt with -p, or -i for a chat")
+    settings = SamplingSettings(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                                top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                                seed=args.seed)
+    if args.n_gpu_layers < -1:
+        raise ConfigError(f"-ngl must be -1 (all) or more, got {args.n_gpu_layers}")
+    n_threads = threads(args.threads)
     llm = ZptrLlama(args.model, omega=args.omega, sidecar=args.sidecar, origin=args.origin,
-                    n_ctx=args.ctx_size, **llama_kwargs)
+                    n_ctx=args.ctx_size, n_threads=n_threads, n_threads_batch=n_threads,
+                    n_gpu_layers=args.n_gpu_layers)
     try:
         if args.interactive:
-            _chat(llm, args)
+            if not llm.chat_template:
+                raise ConfigError(f"{args.model} carries no chat template: -i needs one (use -p with --raw)")
+            _chat(llm, settings, args)
             return 0
-        result = _emit(llm, args.prompt, args, sys.stdout)
+        chat = llm.chat_template is not None and not args.raw
+        if args.system and not chat:
+            raise ConfigError("--system needs a chat (a GGUF with a chat template, without --raw)")
+        if not args.prompt:
+            raise ConfigError("the prompt (-p) is empty")
+        tokens = (llm.chat_tokens(_messages(args, [{"role": "user", "content": args.prompt}])) if chat
+                  else llm.tokenize(args.prompt))
+        result = _emit(llm, tokens, settings, args, sys.stdout)
         print()
+        _notices(llm, result, sys.stderr)
         if args.show_routes:
             _summary(llm, result, args, sys.stderr)
     finally:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from zptr.formats.sidecar import SidecarError, sidecar_path_for, write_sidecar
-from zptr.runtime.engine import OmegaLogitsProcessor, OmegaModeError, ZptrLlama
+from zptr.runtime.engine import OmegaModeError, ZptrLlama
 from zptr.errors import ModelLoadError
 from zptr.checkpoint import head_tensors
 from zptr.config import ZptrConfig

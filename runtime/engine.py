@@ -24,6 +24,7 @@ therefore always sees the same phi/delta as a fresh run of the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,7 @@ class ZptrLlama:
         self.model_path = Path(model_path)
         self.sidecar: Optional[Sidecar] = self._find_sidecar(sidecar, omega)
         self.mode = ("fast" if self.sidecar else "off") if omega == "auto" else omega
+        self.mode_at_load = self.mode
         on = self.mode != "off"
         if origin and not on:
             raise OmegaModeError("an origin text needs Omega on, but Omega is off "
@@ -264,7 +266,31 @@ class ZptrLlama:
     # ---------------------------------------------------------------- setup
     @property
     def omega_on(self) -> bool:
+        """Whether the current request corrects logits with Omega."""
         return self.mode != "off"
+
+    @property
+    def has_omega(self) -> bool:
+        """Whether a sidecar is loaded (h_t of every position is tracked, any mode can run)."""
+        return self.sidecar is not None and self.mode_at_load != "off"
+
+    @contextlib.contextmanager
+    def request(self, omega: Optional[str] = None, origin: Optional[str] = None) -> Iterator[None]:
+        """One request's Omega mode (off | exact | fast; None: the engine's) and origin text
+        (None: the engine's), restored afterwards."""
+        if omega is not None and omega not in OMEGA_MODES[1:]:
+            raise OmegaModeError(f"omega mode {omega!r} is not one of {', '.join(OMEGA_MODES[1:])}")
+        if (omega not in (None, "off") or origin) and not self.has_omega:
+            raise OmegaModeError("this model runs without Omega (no sidecar, or started with omega "
+                                 "off): a request cannot turn it on")
+        mode, origin_term = self.mode, self.origin_term
+        try:
+            self.mode = omega or self.mode
+            if origin:
+                self.origin_term = self.router.origin_term(self.origin_signature(origin))
+            yield
+        finally:
+            self.mode, self.origin_term = mode, origin_term
 
     @property
     def n_ctx(self) -> int:
@@ -374,7 +400,7 @@ class ZptrLlama:
                 break
             shared += 1
         shared = min(shared, len(tokens) - 1)
-        if self.omega_on:
+        if self.has_omega:
             shared = min(shared, self.track.filled)
         if shared <= 0 or not llm._ctx.kv_cache_seq_rm(-1, shared, -1):
             llm.reset()

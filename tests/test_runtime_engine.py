@@ -225,3 +225,29 @@ def test_sampling_candidates(temperature, top_k, repeat_penalty, expected):
 
     settings = SamplingSettings(temperature=temperature, top_k=top_k, repeat_penalty=repeat_penalty)
     assert settings.candidates() == expected
+
+
+def test_request_scoped_mode_and_origin(fast, exact, tmp_path):
+    """One request's Omega mode and origin, restored afterwards (the server's per-request fields)."""
+    prompt = fast.tokenize("The quick brown fox")
+    reference = exact.generate(prompt, 12)
+    with fast.request(omega="exact"):
+        assert fast.mode == "exact"
+        assert fast.generate(prompt, 12).tokens == reference.tokens
+    assert fast.mode == "fast"
+    with fast.request(omega="off"):
+        off = fast.generate(prompt, 12)
+    assert off.routes == [] and fast.generate(prompt, 12).routes  # routes again after the request
+    before = fast.origin_term.copy()
+    with fast.request(origin="Completely other origin text about harbours."):
+        assert not np.array_equal(fast.origin_term, before)
+    np.testing.assert_array_equal(fast.origin_term, before)
+    bare = tmp_path / "bare.gguf"
+    bare.symlink_to(smollm2_gguf_path())
+    plain = ZptrLlama(bare, n_ctx=128)
+    with pytest.raises(OmegaModeError, match="cannot turn it on"):
+        with plain.request(omega="fast"):
+            pass
+    with pytest.raises(OmegaModeError, match="not one of"):
+        with fast.request(omega="auto"):
+            pass

@@ -78,7 +78,7 @@ def main() -> int:
         model = model or demo_summary["outputs"]["checkpoint"]
 
     bench_dir = args.work_dir / "bench"
-    zptr("bench", "--model", model, "-p", args.p, "-n", args.n, "-r", args.r, "-o", str(bench_dir))
+    zptr("bench", "--model", model, "-p", args.p, "-n", args.n, "-r", args.r, "--output-dir", str(bench_dir))
     document = json.loads((bench_dir / "bench.json").read_text())
     target = RESULTS / slug(document)
     target.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from zptr.app import bench
+from zptr.app.bench.measure import measure_bandwidth, measure_compute, peak_rss_mb
+from zptr.runtime.metrics import quality
 from zptr.app import cli
 
 from convert_fixtures import make_checkpoint, save_tiny_with_tokenizer, sentencepiece_tokenizer
@@ -34,7 +35,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def bench_run(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out") / "out"
     rc = cli.main(["bench", "--model", str(checkpoint), "--paths", "torch-f32,llama-f16",
-                   "-p", "12", "-n", "6", "-r", "2", "-o", str(out)])
+                   "-p", "12", "-n", "6", "-r", "2", "--output-dir", str(out)])
     return rc, out, json.loads((out / "bench.json").read_text())
 
 
@@ -50,7 +51,7 @@ def test_outputs_written(bench_run):
     assert {(r["path"], r["omega"]) for r in csv_rows} == EXPECTED_ROWS
     table = (out / "bench.md").read_text()
     assert table.startswith("| path | omega | prefill t/s")
-    assert table.count("\n| llama-f16 |") == 3
+    assert table.count("\n| llama-f16") == 3  # one row per Omega mode (flagged when noisy)
     assert document["settings"]["n_prompt"] == 12 and document["settings"]["n_gen"] == 6
     assert document["machine"]["nproc"] >= 1
 
@@ -70,7 +71,7 @@ def test_numbers_finite_and_consistent(bench_run):
     ratio = rows[("torch-f32", "off")]["bytes_per_token"] / rows[("llama-f16", "off")]["bytes_per_token"]
     assert 1.5 < ratio < 2.5
     summary = document["summary"]
-    assert summary["llama-f16_omega_fast_over_off_decode"] == pytest.approx(
+    assert summary["llama-f16_omega_fast_over_off_decode"]["ratio"] == pytest.approx(
         rows[("llama-f16", "fast")]["decode_tps"] / rows[("llama-f16", "off")]["decode_tps"])
 
 
@@ -92,15 +93,16 @@ def test_quality_columns(bench_run):
 def test_quality_function_against_hand_computation():
     reference = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]]))
     other = np.log(np.array([[0.25, 0.5, 0.25], [0.1, 0.6, 0.3]])) + 3.0  # a shift changes nothing
-    kl, top1 = bench.quality(reference, other)
+    kl, top1 = quality(reference, other)
     expected = (0.5 * math.log(2) + 0.25 * math.log(0.5)) / 2
     assert kl == pytest.approx(expected, rel=1e-9)
     assert top1 == 0.5
 
 
 def test_bandwidth_and_peak_rss_measured():
-    assert 0 < bench.measure_bandwidth(threads=2, size_mb=16, repeats=1) < 10_000
-    assert bench.peak_rss_mb() > 10
+    assert 0 < measure_bandwidth(threads=2, size_mb=16, repeats=1) < 10_000
+    assert 0 < measure_compute(threads=2, size=256, repeats=1) < 1e6
+    assert peak_rss_mb() > 10
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -108,7 +110,7 @@ def test_bandwidth_and_peak_rss_measured():
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
 ])
 def test_bad_input_refused(argv, message, tmp_path, capsys):
-    rc = cli.main(["bench", *argv, "-o", str(tmp_path / "out")])
+    rc = cli.main(["bench", *argv, "--output-dir", str(tmp_path / "out")])
     assert rc == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "bench.json").exists()
@@ -123,13 +125,43 @@ def test_unknown_path_is_a_usage_error(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_nf4_needs_cuda(tmp_path, capsys):
-    assert cli.main(["bench", "--paths", "torch-nf4", "-o", str(tmp_path)]) == 1
+    assert cli.main(["bench", "--paths", "torch-nf4", "--output-dir", str(tmp_path)]) == 1
     assert "needs CUDA" in capsys.readouterr().err
 
 
 def test_missing_text_file_writes_nothing(checkpoint, tmp_path, capsys):
     rc = cli.main(["bench", "--model", str(checkpoint), "--paths", "torch-f32",
-                   "--text-file", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "out")])
+                   "--text-file", str(tmp_path / "missing.txt"), "--output-dir", str(tmp_path / "out")])
     assert rc == 1
     assert "missing.txt" in capsys.readouterr().err
     assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_noise_flag_on_an_artificially_noisy_series(tmp_path):
+    """A row whose repetitions spread more than 10 % is flagged, as is every row of a run that
+    started on a busy machine; ratios built on a flagged row say so."""
+    from zptr.app.bench.paths import WorkerJob, WorkerResult
+    from zptr.app.bench.report import build_rows, markdown_table, summary
+
+    logits = np.random.default_rng(0).standard_normal((4, 8))
+    for mode in ("off", "exact"):
+        np.save(tmp_path / f"torch-f32.{mode}.npy", logits)
+        np.save(tmp_path / f"llama-q4_k_m.{mode}.npy", logits)
+    reference = {mode: tmp_path / f"torch-f32.{mode}.npy" for mode in ("off", "exact")}
+    job = WorkerJob(name="llama-q4_k_m", modes=["off", "fast"], checkpoint="c", prompt=[1], text=[1],
+                    n_gen=4, repetitions=5, threads=2, timing=True, workdir=str(tmp_path))
+    quiet = {"prefill": [500.0, 505, 498, 502, 501], "decode": [100.0, 101, 99, 100, 102], "tokens": [1, 2]}
+    noisy = {"prefill": [500.0, 505, 498, 502, 501], "decode": [100.0, 60, 140, 90, 130], "tokens": [1, 2]}
+    result = WorkerResult(modes={"off": quiet, "fast": noisy}, peak_rss_mb=1.0, bytes_per_token=10,
+                          parameters=10)
+    rows = build_rows(job, result, reference, busy=False)
+    assert [r.noisy for r in rows] == [False, True]
+    assert rows[1].decode_spread > 0.10 >= rows[0].decode_spread
+    ratios = summary(rows)
+    assert ratios["llama-q4_k_m_omega_fast_over_off_decode"]["noisy"] is True
+    assert all(r.noisy for r in build_rows(job, result, reference, busy=True))
+    document = {"settings": dict(n_prompt=1, n_gen=4, repetitions=5, threads=2, quality_tokens=4),
+                "machine": dict(cpu="x", nproc=2, memory_gb=1, load_average_1m=0.5),
+                "bandwidth_gbs": 1.0, "compute_gflops": 1.0, "summary": ratios}
+    table = markdown_table(document, rows)
+    assert "| llama-q4_k_m ⚠ | fast" in table and "not a result to file" in table

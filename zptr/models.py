@@ -84,10 +84,49 @@ def _split_digits(tokenizer_json: Path) -> None:
     tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
 
 
+# Random-weight models of real shapes, generated into the cache when first asked for (never
+# shipped): speed at a size where per-token overhead no longer dominates. ~1.1B parameters,
+# TinyLlama's shape.
+SYNTHETIC_MODELS: dict[str, dict] = {
+    "synthetic-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                         max_position_embeddings=2048, tie_word_embeddings=False),
+}
+
+
+def synthetic_hf_dir(name: str) -> Path:
+    """A HF directory of a synthetic model (random bfloat16 weights, a small trained tokenizer),
+    built once in the cache."""
+    from .fileio import atomic_directory
+
+    target = cache_dir() / f"{name}-r1"
+    if (target / "config.json").exists():
+        return target
+
+    def write(tmp: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .testing import build_tokenizer
+
+        tokenizer = build_tokenizer("bpe:llama-bpe", tmp / "tokenizer")
+        config = AutoConfig.for_model("llama", bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, **SYNTHETIC_MODELS[name])
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+    try:
+        return atomic_directory(target, write)
+    except OutputExistsError:  # another process finished first
+        return target
+
+
 def resolve_model_path(name_or_path: Union[str, Path]) -> tuple[Path, Optional[str]]:
     """(directory, gguf file name or None) for a model reference."""
     if str(name_or_path).lower() in BUNDLED_ALIASES:
         return smollm2_hf_dir(), None
+    if str(name_or_path) in SYNTHETIC_MODELS:
+        return synthetic_hf_dir(str(name_or_path)), None
     path = Path(name_or_path)
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
@@ -95,7 +134,7 @@ def resolve_model_path(name_or_path: Union[str, Path]) -> tuple[Path, Optional[s
         return path, None
     raise ZptrError(
         f"{name_or_path}: not a HF model directory (with config.json), a .gguf file, or one of "
-        f"{', '.join(BUNDLED_ALIASES)}")
+        f"{', '.join(BUNDLED_ALIASES + tuple(SYNTHETIC_MODELS))}")
 
 
 def canonical_reference(name_or_path: Union[str, Path]) -> str:

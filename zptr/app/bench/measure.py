@@ -1,0 +1,116 @@
+"""Measurements of the machine and of one path: memory bandwidth, compute peak, peak RSS, the
+bytes and multiply-adds of a token, spread and the noise flag."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# A figure whose spread (sd / median) exceeds this is flagged and never filed as a result.
+NOISY_SPREAD = 0.10
+
+
+def measure_bandwidth(threads: int, size_mb: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth in GB/s: best of ``repeats`` threaded copies of a ``size_mb`` buffer.
+
+    A copy reads and writes every byte, so bytes moved = 2 x size. numpy releases the GIL while
+    copying, so ``threads`` slices run in parallel like a multi-threaded decode does.
+    """
+    src = np.ones(size_mb * (1 << 20) // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    slices = [slice(i * len(src) // threads, (i + 1) * len(src) // threads) for i in range(threads)]
+    best = math.inf
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats + 1):  # the first copy faults the pages in
+            start = time.perf_counter()
+            list(pool.map(lambda s: np.copyto(dst[s], src[s]), slices))
+            best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+
+
+def measure_compute(threads: int, size: int = 1024, repeats: int = 5) -> float:
+    """Float32 matrix-multiply peak in GFLOP/s with ``threads`` BLAS threads, best of
+    ``repeats``: the compute ceiling a prefill (a batch of tokens, compute-bound) can reach."""
+    from threadpoolctl import threadpool_limits
+
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    best = math.inf
+    with threadpool_limits(threads, user_api="blas"):
+        a @ a  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def gguf_token_cost(path: Path) -> tuple[int, int]:
+    """(weight bytes, weights) one decoded token reads from a GGUF: every tensor but the input
+    embedding table (one row of it is read), unless it doubles as the output matrix (tied)."""
+    from zptr.formats.gguf import OUTPUT, TOKEN_EMBD, open_gguf
+
+    tensors = {t.name: t for t in open_gguf(path).tensors}
+    if OUTPUT in tensors:
+        tensors.pop(TOKEN_EMBD, None)
+    return (sum(int(t.n_bytes) for t in tensors.values()),
+            sum(int(t.n_elements) for t in tensors.values()))
+
+
+def torch_token_cost(model) -> tuple[int, int]:
+    """(weight bytes, weights) one decoded token reads from the PyTorch language model: every
+    parameter once (shared storage counted once), without the input embedding table unless it is
+    also the lm_head. The ZPTR head is left out, as the Omega sidecar is on the GGUF side."""
+    lm = model.lm
+    embed = lm.get_input_embeddings().weight
+    head = lm.get_output_embeddings().weight
+    skip = {embed.data_ptr()} if embed.data_ptr() != head.data_ptr() else set()
+    seen = {t.data_ptr(): (t.numel() * t.element_size(), t.numel()) for t in lm.parameters()}
+    kept = [cost for ptr, cost in seen.items() if ptr not in skip]
+    return sum(b for b, _ in kept), sum(n for _, n in kept)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB. VmHWM belongs to this program alone;
+    ru_maxrss would also count the parent's pages at fork time (Linux keeps it across exec)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(median, standard deviation, spread = sd / median) of repeated measurements."""
+    median = statistics.median(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return median, sd, (sd / median if median > 0 else math.inf)
+
+
+def machine_description() -> dict[str, Any]:
+    import psutil
+
+    model_name = platform.processor()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model_name = line.split(":", 1)[1].strip()
+    return {"cpu": model_name, "nproc": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+            "load_average_1m": round(os.getloadavg()[0], 2), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def machine_busy(machine: dict[str, Any]) -> bool:
+    """A load average above the core count at the start: every figure of the run is suspect."""
+    return machine["load_average_1m"] > machine["nproc"]

@@ -7,7 +7,7 @@
    after imports is reported next to it). In the same run, interleaved with the conversions, the
    floor: reading the base weights' bytes and writing as many bytes as the f32 GGUF holds, with
    plain buffered file I/O. Best of ``--repeat`` runs on both sides.
-   Targets (SPEC §7): conversion <= 2x the floor; peak RSS <= 3 x largest tensor in f32 + 500 MB.
+   Targets (docs/design.md, "Targets"): conversion <= 2x the floor; peak RSS <= 3 x largest tensor in f32 + 500 MB.
 3. Fidelity (unless ``--no-quality``): q4_k_m mean KL and top-1 against the PyTorch ZPTR head on
    the mixed text, folded, next to the same merged model converted without the soul (the soul
    applied afterwards in float64 to llama.cpp's h_t, the unfolded alternative) and the plain base.

@@ -1,4 +1,4 @@
-"""Bad input (SPEC §9): a clear one-line error, exit 1, nothing written, nothing lost; interrupts
+"""Bad input: a clear one-line error, exit 1, nothing written, nothing lost; interrupts
 and failures mid-write leave no output; inspect and quantize on good and bad files."""
 
 from __future__ import annotations

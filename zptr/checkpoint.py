@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import FORMAT_VERSION, ZptrConfig, phase_status
+from .config import FORMAT_VERSION, ZptrConfig, phase_status, sigmoid
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_directory, sha256_file
 from .jsonio import JsonObject, read_json, read_object
@@ -76,7 +76,7 @@ class Checkpoint:
 
     @property
     def gate(self) -> float:
-        return 1.0 / (1.0 + math.exp(-self.alpha))
+        return sigmoid(self.alpha)
 
     @property
     def omega_gate(self) -> Optional[float]:

@@ -256,13 +256,16 @@ class MergedModel:
         return replaced if replaced is not None else self.weights.get(name)
 
     def tensor(self, name: str) -> torch.Tensor:
+        """The tensor as written: merged, folded, and checked finite (a NaN in a base weight
+        would make a GGUF that loads and prints nothing)."""
         weight = self._base(self._source(name))
         if name == LM_HEAD:
             if self.soul is not None:
                 weight = fold_lm_head(weight, self.soul.rotation, self.soul.gate)
-            return weight
-        if self.adapter is not None:
+        elif self.adapter is not None:
             delta = self.adapter.delta(name)
             if delta is not None:
                 weight += delta
+        if not torch.isfinite(weight).all():
+            raise ConvertError(f"tensor {name} of the base model contains NaN or Inf")
         return weight

@@ -16,6 +16,8 @@ from typing import Optional, Union
 import torch
 
 from .errors import OutputExistsError, ZptrError
+from .families import family_of
+from .jsonio import read_json
 
 BUNDLED_NAME = "smollm2-135m-instruct"
 # Bumped whenever the cached directory's content changes, so an old cache is not reused.
@@ -129,8 +131,15 @@ def resolve_model_path(name_or_path: Union[str, Path]) -> tuple[Path, Optional[s
         return synthetic_hf_dir(str(name_or_path)), None
     path = Path(name_or_path)
     if path.is_file() and path.suffix == ".gguf":
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise ZptrError(f"{path}: not a GGUF file")
         return path.parent, path.name
     if path.is_dir() and (path / "config.json").exists():
+        config = read_json(path / "config.json")  # a clear error for a config that is not JSON
+        if not isinstance(config, dict):
+            raise ZptrError(f"{path / 'config.json'}: must be a JSON object")
+        family_of(config.get("model_type"))
         return path, None
     raise ZptrError(
         f"{name_or_path}: not a HF model directory (with config.json), a .gguf file, or one of "
@@ -162,9 +171,16 @@ def load_base_model(name_or_path: Union[str, Path], dtype: torch.dtype = torch.f
             bnb_4bit_compute_dtype=dtype)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as err:
+        # transformers' loaders raise these for weights and GGUF files they cannot map
+        where = directory / gguf_file if gguf_file else directory
+        raise ZptrError(f"{where}: transformers cannot load this model "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
     if gguf_file:
         model.hf_quantizer = None
+    family_of(getattr(model.config, "model_type", None))
     return model.eval()
 
 
@@ -173,4 +189,8 @@ def load_tokenizer(name_or_path: Union[str, Path]):
 
     directory, gguf_file = resolve_model_path(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise ZptrError(f"{directory}: transformers cannot load its tokenizer "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None

@@ -28,6 +28,10 @@ DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5
 _FALLBACK = re.compile(r"ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\)"
                        r".*falling back to\s+(\S+)")
 _FALLBACK_TOTAL = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+# Warnings about what ZPTR asks for on purpose: pooling NONE and every token an output are how
+# the runtime reads h_t for Omega. Shown only with --verbose.
+_EXPECTED = re.compile(r"model default pooling_type is|embeddings required but some input tokens "
+                       r"were not marked as outputs")
 
 
 @dataclass
@@ -65,7 +69,7 @@ class NativeLog:
         if total:
             self.tensors = int(total.group(2))
             return
-        if level in (WARN, ERROR) and line.strip():
+        if level in (WARN, ERROR) and line.strip() and not _EXPECTED.search(line):
             self.out.write(line + "\n")
 
     def summary(self) -> list[str]:

@@ -86,6 +86,8 @@ def _stage(number: int, total: int, title: str) -> None:
 
 
 def _prepare(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ZptrError(f"--output-dir {output_dir} is a file, not a directory")
     existing = [name for name in OUTPUTS if (output_dir / name).exists()]
     if existing and not overwrite:
         raise ZptrError(f"{output_dir} already holds demo outputs ({', '.join(existing)}); "

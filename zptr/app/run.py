@@ -131,6 +131,8 @@ def _chat(llm: ZptrLlama, settings: SamplingSettings, args: argparse.Namespace) 
 def main(args: argparse.Namespace) -> int:
     if args.prompt is None and not args.interactive:
         raise ConfigError("give a prompt with -p, or -i for a chat")
+    if args.prompt == "" and not args.interactive:
+        raise ConfigError("the prompt (-p) is empty")
     settings = SamplingSettings(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                                 top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
                                 seed=args.seed)
@@ -149,8 +151,6 @@ def main(args: argparse.Namespace) -> int:
         chat = llm.chat_template is not None and not args.raw
         if args.system and not chat:
             raise ConfigError("--system needs a chat (a GGUF with a chat template, without --raw)")
-        if not args.prompt:
-            raise ConfigError("the prompt (-p) is empty")
         tokens = (llm.chat_tokens(_messages(args, [{"role": "user", "content": args.prompt}])) if chat
                   else llm.tokenize(args.prompt))
         result = _emit(llm, tokens, settings, args, sys.stdout)

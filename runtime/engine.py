@@ -35,7 +35,7 @@ import numpy as np
 
 from zptr.config import CLUSTERS
 from zptr.errors import ConfigError, OmegaModeError, ZptrError
-from zptr.formats.gguf import output_matrix
+from zptr.formats.gguf import check_gguf_file, output_matrix
 from zptr.formats.sidecar import Sidecar, check_pairing, read_sidecar, sidecar_path_for
 
 from .llama import HiddenLlama, open_llama
@@ -218,7 +218,7 @@ class ZptrLlama:
             raise OmegaModeError(f"omega mode {omega!r} is not one of {', '.join(OMEGA_MODES)}")
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise ConfigError(f"n_ctx (-c) must be a positive integer, got {n_ctx!r}")
-        self.model_path = Path(model_path)
+        self.model_path = check_gguf_file(model_path)  # before its sidecar's name is derived from it
         self.sidecar: Optional[Sidecar] = self._find_sidecar(sidecar, omega)
         self.mode = ("fast" if self.sidecar else "off") if omega == "auto" else omega
         self.mode_at_load = self.mode

@@ -423,7 +423,7 @@ class ZptrLlama:
             if token is not None:
                 return token, route
             return int(np.argmax(self.corrector.fast(logits, routing.outputs[0], 1))), route
-        return int(np.argmax(self.corrector.exact(logits, routing.outputs[0]))), route
+        return self.corrector.exact_choice(logits, routing.outputs[0]), route
 
     def _greedy_ids(self, tokens: list[int], settings: SamplingSettings, routes: list[int]) -> Iterator[int]:
         """The lean loop: decode, choose in place, decode."""

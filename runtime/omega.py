@@ -179,6 +179,42 @@ class CorrectionStats:
         self.certified = self.fallback = self.exact = 0
 
 
+class HalfMatrix:
+    """W' stored in float16 for the per-token full product of exact decoding: half the bytes to
+    read (the product is memory-bound), float32 accumulation (torch's CPU kernel), and a proven
+    error bound per row: storing W' and o in float16 moves each product term by at most 2u16,
+    accumulation by D u32, rounding the result to float16 by u16 of |W'_v| |o|, so
+    |half - exact| <= (3 u16 + D u32) ||W'_v|| ||o|| with u16 = 2^-11, u32 = 2^-24.
+
+    :meth:`build` checks the bound on this machine's kernel and returns None where it does not
+    hold (then exact decoding stays in float32).
+    """
+
+    def __init__(self, matrix: np.ndarray):
+        import torch
+
+        self._torch = torch
+        self.weights = torch.from_numpy(np.ascontiguousarray(matrix, np.float32)).half()
+        self.factor = 1.01 * (3 * 2.0 ** -11 + matrix.shape[1] * 2.0 ** -24)
+
+    def product(self, output: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            return torch.mv(self.weights, torch.from_numpy(np.ascontiguousarray(output, np.float32)).half()
+                            ).float().numpy()
+
+    @classmethod
+    def build(cls, matrix: np.ndarray, row_norms: np.ndarray) -> Optional["HalfMatrix"]:
+        try:
+            half = cls(matrix)
+        except ImportError:
+            return None
+        output = np.random.default_rng(0).standard_normal(matrix.shape[1]).astype(np.float32)
+        error = np.abs(half.product(output) - matrix.astype(np.float64) @ output.astype(np.float64))
+        within = error <= half.factor * row_norms * np.linalg.norm(output)
+        return half if within.all() else None
+
+
 class Corrector:
     """Adds sigma(omega) W' o to logits, exactly or certified on a candidate set."""
 
@@ -189,10 +225,32 @@ class Corrector:
         self.gate = np.float32(gate)
         self.max_candidates = max_candidates
         self.stats = CorrectionStats()
+        self._half: Optional[HalfMatrix] = None
+        self._half_checked = False
 
     def exact(self, logits: np.ndarray, output: np.ndarray) -> np.ndarray:
         self.stats.exact += 1
         return logits + self.gate * (self.matrix @ output)
+
+    def exact_choice(self, logits: np.ndarray, output: np.ndarray) -> int:
+        """The argmax of the exactly corrected logits. The full product runs on W' in float16
+        (:class:`HalfMatrix`); every token its error bound cannot rule out is recomputed in
+        float32, as the fast mode computes it, and a near-tie falls back to the float32 product."""
+        if not self._half_checked:
+            self._half, self._half_checked = HalfMatrix.build(self.matrix, self.row_norms), True
+        if self._half is None:
+            return int(np.argmax(self.exact(logits, output)))
+        self.stats.exact += 1
+        approx = logits + self.gate * self._half.product(output)
+        bound = (self.gate * np.float32(self._half.factor * np.linalg.norm(output))) * self.row_norms
+        top = int(np.argmax(approx))
+        candidates = np.flatnonzero(approx + bound >= approx[top] - bound[top])
+        values = logits[candidates] + self.gate * (self.matrix[candidates] @ output)
+        if len(values) > 1:
+            top2 = np.partition(values, -2)[-2:]
+            if top2[1] - top2[0] <= self._tolerance(float(self.gate * np.linalg.norm(output))):
+                return int(np.argmax(logits + self.gate * (self.matrix @ output)))
+        return int(candidates[np.argmax(values)])
 
     def exact_rows(self, logits: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         """Exact correction of many positions at once: (T, V) + c (T, D) W'^T."""

@@ -100,3 +100,27 @@ def test_fast_refuses_to_certify_more_than_its_candidates():
     out = corrector.fast(logits, output, keep=40)
     np.testing.assert_allclose(out, logits + np.float32(0.01) * (matrix @ output), atol=1e-6)
     assert corrector.stats.fallback == 1
+
+
+def test_exact_choice_on_float16_weights_is_the_float32_argmax():
+    """The exact decoding product runs on W' in float16 under a proven bound; every choice equals
+    the argmax of the float32 product, near-ties included (logits built to tie by < 1e-3)."""
+    from zptr.runtime.omega import HalfMatrix
+
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((5000, 64)).astype(np.float32)
+    corrector = Corrector(matrix, gate=0.5)
+    half = HalfMatrix.build(corrector.matrix, corrector.row_norms)
+    assert half is not None  # torch's CPU kernel accumulates in float32: the bound holds here
+    output = rng.standard_normal(64).astype(np.float32)
+    error = np.abs(half.product(output) - matrix.astype(np.float64) @ output)
+    assert (error <= half.factor * corrector.row_norms * np.linalg.norm(output)).all()
+    for trial in range(200):
+        output = np.tanh(rng.standard_normal(64)).astype(np.float32)
+        logits = rng.standard_normal(5000).astype(np.float32) * 3
+        exact = logits + corrector.gate * (matrix @ output)
+        if trial % 2:  # make the two best corrected tokens nearly tie
+            first, second = np.argsort(exact)[-2:][::-1]
+            logits[second] += exact[first] - exact[second] - rng.uniform(0, 1e-3)
+            exact = logits + corrector.gate * (matrix @ output)
+        assert corrector.exact_choice(logits, output) == int(np.argmax(exact)), trial

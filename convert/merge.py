@@ -61,9 +61,12 @@ class SafetensorsWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: Optional[slice] = None) -> torch.Tensor:
+        """The tensor (or a block of its rows) in float32."""
         with safe_open(str(self._file_of[name]), framework="pt") as handle:
-            return handle.get_tensor(name).float()
+            if rows is None:
+                return handle.get_tensor(name).float()
+            return handle.get_slice(name)[rows].float()
 
 
 class StateDictWeights:
@@ -78,8 +81,9 @@ class StateDictWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._state[name].shape)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._state[name].detach().to(torch.float32, copy=True)
+    def get(self, name: str, rows: Optional[slice] = None) -> torch.Tensor:
+        tensor = self._state[name].detach()
+        return (tensor if rows is None else tensor[rows]).to(torch.float32, copy=True)
 
 
 class LoraAdapter:
@@ -170,11 +174,12 @@ class LoraAdapter:
         with safe_open(str(self.path), framework="pt") as handle:
             return tuple(handle.get_slice(self._saved[name]).get_shape())
 
-    def replacement(self, name: str) -> Optional[torch.Tensor]:
+    def replacement(self, name: str, rows: Optional[slice] = None) -> Optional[torch.Tensor]:
         if name not in self._saved:
             return None
         with safe_open(str(self.path), framework="pt") as handle:
-            return handle.get_tensor(self._saved[name]).float()
+            whole = handle.get_slice(self._saved[name])
+            return (whole[:] if rows is None else whole[rows]).float()
 
     def _pattern(self, pattern: dict, module: str, default: float) -> float:
         # PEFT keys patterns by a module-name suffix; the longest matching one wins.
@@ -186,14 +191,15 @@ class LoraAdapter:
         alpha = self._pattern(self.alpha_pattern, module, self.alpha)
         return alpha / (rank ** 0.5 if self.rslora else rank)
 
-    def delta(self, name: str) -> Optional[torch.Tensor]:
+    def delta(self, name: str, rows: Optional[slice] = None) -> Optional[torch.Tensor]:
+        """scale * B @ A for a base weight (or a block of its rows: B's rows)."""
         key = self._pairs.get(name)
         if key is None:
             return None
         with safe_open(str(self.path), framework="pt") as handle:
             a = handle.get_tensor(key + ".lora_A.weight").float()
             b = handle.get_tensor(key + ".lora_B.weight").float()
-        return self.scale(name[: -len(".weight")]) * (b @ a)
+        return self.scale(name[: -len(".weight")]) * ((b if rows is None else b[rows]) @ a)
 
 
 @dataclass
@@ -251,19 +257,19 @@ class MergedModel:
         replaced = self.adapter.replacement_shape(source) if self.adapter is not None else None
         return replaced or self.weights.shape(source)
 
-    def _base(self, name: str) -> torch.Tensor:
-        replaced = self.adapter.replacement(name) if self.adapter is not None else None
-        return replaced if replaced is not None else self.weights.get(name)
+    def _base(self, name: str, rows: Optional[slice]) -> torch.Tensor:
+        replaced = self.adapter.replacement(name, rows) if self.adapter is not None else None
+        return replaced if replaced is not None else self.weights.get(name, rows)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor as written: merged, folded, and checked finite (a NaN in a base weight
-        would make a GGUF that loads and prints nothing)."""
-        weight = self._base(self._source(name))
+    def tensor(self, name: str, rows: Optional[slice] = None) -> torch.Tensor:
+        """The tensor as written (or a block of its rows): merged, folded, and checked finite (a
+        NaN in a base weight would make a GGUF that loads and prints nothing)."""
+        weight = self._base(self._source(name), rows)
         if name == LM_HEAD:
             if self.soul is not None:
                 weight = fold_lm_head(weight, self.soul.rotation, self.soul.gate)
         elif self.adapter is not None:
-            delta = self.adapter.delta(name)
+            delta = self.adapter.delta(name, rows)
             if delta is not None:
                 weight += delta
         if not torch.isfinite(weight).all():

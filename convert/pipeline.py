@@ -33,6 +33,7 @@ from .vocab import write_vocab
 from .writer import DIRECT_TYPES, write_gguf
 
 PathLike = Union[str, Path]
+INTERMEDIATE = "bf16"  # what llama.cpp's quantizer reads
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _single_thread() -> Iterator[None]:
 
 def _write_model(src: Source, path: Path, outtype: str, metadata: dict[str, Any],
                  imatrix: Optional[Path], progress: bool) -> None:
-    """The GGUF of ``src`` at ``path`` (a temporary): written directly, or through an f32
+    """The GGUF of ``src`` at ``path`` (a temporary): written directly, or through a bf16
     intermediate and llama.cpp's quantizer."""
     config = src.model.config
     params = arch_params(src.family, config)
@@ -84,8 +85,10 @@ def _write_model(src: Source, path: Path, outtype: str, metadata: dict[str, Any]
         write_gguf(path, src.family.gguf_arch, write_keys, tensors, outtype, progress)
         return
     with tempfile.TemporaryDirectory(prefix=".zptr-convert-", dir=path.parent) as work:
-        intermediate = write_gguf(Path(work) / "f32.gguf", src.family.gguf_arch, write_keys, tensors,
-                                  "f32", progress)
+        # bfloat16 for the quantizer's input: half the bytes of float32 to write and read back,
+        # float32's range (no overflow), and a rounding (2^-9) far below any type it quantizes to.
+        intermediate = write_gguf(Path(work) / "bf16.gguf", src.family.gguf_arch, write_keys, tensors,
+                                  INTERMEDIATE, progress)
         untied = src.model.tied and src.model.folded
         embedding_type = untied_embedding_type(outtype, config.hidden_size) if untied else None
         if progress:

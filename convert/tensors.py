@@ -11,7 +11,7 @@ fused ``qkv_proj`` and ``gate_up_proj`` already match llama.cpp's ``attn_qkv`` a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import gguf
 import numpy as np
@@ -24,11 +24,22 @@ from .hparams import ArchParams, rope_tensors
 from .merge import MergedModel
 
 
+# Tensors larger than this (as float32) stream in blocks of rows: peak memory stays near one
+# block, not a whole embedding matrix. A multiple of 32 rows keeps every block's bytes aligned.
+BLOCK_BYTES = 64 << 20
+
+
 @dataclass
 class GgufTensor:
     name: str
     shape: tuple[int, ...]  # row-major (numpy) shape
-    load: Callable[[], np.ndarray]  # float32 data, produced on demand
+    blocks: Callable[[], Iterator[np.ndarray]]  # float32 data in blocks of rows, produced on demand
+
+
+def _row_blocks(shape: tuple[int, ...]) -> list[slice]:
+    rows, row_bytes = shape[0], 4 * int(np.prod(shape[1:]))
+    step = max(32, (BLOCK_BYTES // max(1, row_bytes)) // 32 * 32)
+    return [slice(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 def gguf_arch(family: Family) -> gguf.MODEL_ARCH:
@@ -72,14 +83,20 @@ def gguf_tensors(family: Family, model: MergedModel, params: ArchParams) -> list
     for hf_name, gguf_name in hf_to_gguf_names(family, model.names(), params.n_layer).items():
         kind = family.tensor_layout.get(_kind(gguf_name))
         transform: Optional[Callable] = _transform(kind, params) if kind else None
+        shape = model.shape(hf_name)
+        # A layout transform works on whole heads: such tensors come whole (they are small).
+        streamed = transform is None and len(shape) == 2 and 4 * shape[0] * shape[1] > BLOCK_BYTES
 
-        def load(hf_name=hf_name, transform=transform) -> np.ndarray:
+        def blocks(hf_name=hf_name, transform=transform, streamed=streamed,
+                   shape=shape) -> Iterator[np.ndarray]:
+            if streamed:
+                for rows in _row_blocks(shape):
+                    yield model.tensor(hf_name, rows).contiguous().numpy()
+                return
             data = model.tensor(hf_name)
-            if transform is not None:
-                data = transform(data)
-            return data.contiguous().numpy()
+            yield (transform(data) if transform is not None else data).contiguous().numpy()
 
-        tensors.append(GgufTensor(gguf_name, model.shape(hf_name), load))
+        tensors.append(GgufTensor(gguf_name, shape, blocks))
     for gguf_name, values in rope_tensors(params).items():
-        tensors.append(GgufTensor(gguf_name, values.shape, lambda values=values: values))
+        tensors.append(GgufTensor(gguf_name, values.shape, lambda values=values: iter([values])))
     return tensors

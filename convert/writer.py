@@ -84,10 +84,27 @@ def write_gguf(path: Path, arch: str, write_keys: Callable[[gguf.GGUFWriter], No
         bar = tqdm(zip(tensors, types), total=len(tensors), desc=f"writing {outtype} GGUF",
                    unit="tensor", disable=not progress)
         for tensor, kind in bar:
-            data = tensor.load()
-            if tuple(data.shape) != tuple(tensor.shape):
-                raise ConvertError(f"tensor {tensor.name}: produced shape {data.shape}, declared {tensor.shape}")
-            writer.write_tensor_data(encode(data, kind))
+            _write_blocks(writer, tensor, kind)
     finally:
         writer.close()
     return Path(path)
+
+
+def _write_blocks(writer: gguf.GGUFWriter, tensor: GgufTensor, kind: gguf.GGMLQuantizationType) -> None:
+    """One tensor's data, block of rows by block, as ``GGUFWriter.write_tensor_data`` lays out a
+    whole tensor (pinned gguf 0.19: aligned start, the data, padding to the alignment)."""
+    fout = writer.fout[0]
+    info = writer.tensors[0].pop(tensor.name)
+    writer.write_padding(fout, fout.tell())
+    written, rows = 0, 0
+    for block in tensor.blocks():
+        if tuple(block.shape[1:]) != tuple(tensor.shape[1:]):
+            raise ConvertError(f"tensor {tensor.name}: produced rows of shape {block.shape[1:]}, "
+                               f"declared {tensor.shape}")
+        encoded = encode(block, kind)
+        encoded.tofile(fout)
+        written, rows = written + encoded.nbytes, rows + block.shape[0]
+    if written != info.nbytes or rows != tensor.shape[0]:
+        raise ConvertError(f"tensor {tensor.name}: produced {rows} rows, declared {tensor.shape}")
+    writer.write_padding(fout, written)
+    writer.state = gguf.gguf_writer.WriterState.WEIGHTS

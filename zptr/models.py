@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -87,12 +88,19 @@ def _split_digits(tokenizer_json: Path) -> None:
 
 
 # Random-weight models of real shapes, generated into the cache when first asked for (never
-# shipped): speed at a size where per-token overhead no longer dominates. ~1.1B parameters,
-# TinyLlama's shape.
-SYNTHETIC_MODELS: dict[str, dict] = {
-    "synthetic-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                         max_position_embeddings=2048, tie_word_embeddings=False),
+# shipped): speed and conversion at sizes where per-token overhead no longer dominates.
+# (tokenizer kind of zptr.testing, llama config)
+SYNTHETIC_MODELS: dict[str, tuple[str, dict]] = {
+    # TinyLlama 1.1B's shape
+    "synthetic-1b": ("bpe:llama-bpe", dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)),
+    # Llama 3.2 3B's shape
+    "synthetic-3b": ("sentencepiece", dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
 }
 
 
@@ -110,12 +118,17 @@ def synthetic_hf_dir(name: str) -> Path:
 
         from .testing import build_tokenizer
 
-        tokenizer = build_tokenizer("bpe:llama-bpe", tmp / "tokenizer")
+        kind, shape = SYNTHETIC_MODELS[name]
+        tokenizer = build_tokenizer(kind, tmp / "tokenizer")
         config = AutoConfig.for_model("llama", bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, **SYNTHETIC_MODELS[name])
+                                      eos_token_id=tokenizer.eos_token_id, **shape)
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        for extra in ("tokenizer.model",):  # transformers saves only what it loaded from
+            if (tmp / "tokenizer" / extra).is_file():
+                shutil.copy2(tmp / "tokenizer" / extra, tmp / extra)
+        shutil.rmtree(tmp / "tokenizer")
 
     try:
         return atomic_directory(target, write)

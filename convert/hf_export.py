@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .merge import LM_HEAD, MergedModel
+from .merge import EMBED, LM_HEAD, MergedModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
@@ -60,6 +60,7 @@ def export_hf(model: MergedModel, tokenizer_source: Path, out_dir: Path, progres
     out_dir = Path(out_dir)
     config = model.config.to_dict()
     config["tie_word_embeddings"] = LM_HEAD not in model.names()
+    config["vocab_size"] = model.shape(EMBED)[0]  # resized when fine-tuning added tokens
     config["dtype"] = "float32"
     config.pop("quantization_config", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -136,10 +136,16 @@ class LoraAdapter:
             if not torch.isfinite(value.float()).all():
                 raise ConvertError(f"{self.path}: tensor {key} contains NaN or Inf")
             suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
+            # PEFT saves a module of modules_to_save under its own name, and may add copies
+            # named .modules_to_save. (the same values) and .original_module. (the base's).
+            name = key[len(PEFT_PREFIX):].replace(".modules_to_save.", ".")
             if suffix is not None:
                 self._pairs[key[len(PEFT_PREFIX):-len(suffix)] + ".weight"] = key[:-len(suffix)]
-            elif any(key[len(PEFT_PREFIX):].rsplit(".", 1)[0].endswith(m) for m in self.modules_to_save):
-                self._saved[key[len(PEFT_PREFIX):]] = key
+            elif ".original_module." in key:
+                continue
+            elif any(name.rsplit(".", 1)[0].endswith(m) for m in self.modules_to_save):
+                if name not in self._saved or ".modules_to_save." not in key:
+                    self._saved[name] = key
             else:
                 raise ConvertError(f"{self.path}: tensor {key!r} is neither a LoRA A/B weight nor a "
                                    "module listed in modules_to_save; cannot merge it")

@@ -278,3 +278,49 @@ def test_unknown_and_multimodal_families_refused(workdir, capsys):
         assert "supported: gemma3_text, llama, mistral, phi3, qwen2, qwen3" in err
     with pytest.raises(ConvertError, match="unsupported architecture"):
         convert_model(workdir / "type-gpt2", workdir / "y.gguf", "f32")
+
+
+def test_tokens_added_during_fine_tuning_with_modules_to_save(workdir):
+    """The usual PEFT recipe for new tokens: add them, resize the embeddings, train LoRA with
+    modules_to_save=[embed_tokens, lm_head], save the tokenizer with the adapter. The converter
+    takes the resized matrices from the adapter and the tokenizer from the checkpoint; the
+    original base stays as it was."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zptr.testing import seed_rotation
+
+    directory = workdir / "modules-to-save"
+    tokenizer = build_tokenizer("sentencepiece", directory / "tokenizer")
+    base = save_tiny_model("qwen2", directory / "base", tokenizer=tokenizer)
+    tokenizer.add_tokens(["<|persona|>"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    torch.manual_seed(0)
+    resized = AutoModelForCausalLM.from_pretrained(str(base))
+    resized.resize_token_embeddings(len(tokenizer))
+    peft = get_peft_model(resized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              modules_to_save=["embed_tokens", "lm_head"], init_lora_weights=False))
+    with torch.no_grad():  # fine-tuning moved the new rows and the LoRA product
+        for name, param in peft.named_parameters():
+            if "modules_to_save" in name or "lora_B" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    seed = directory / "seed"
+    peft.save_pretrained(str(seed))
+    tokenizer.save_pretrained(str(seed))
+    rotation = seed_rotation(64, moved=0.3)
+    torch.save({"alpha": torch.tensor(1.618), "so8_rotation": rotation.state_dict(), "step": 7}, seed / "soul.pt")
+
+    result = convert_model(seed, directory / "model.gguf", "f32", base_model=base, progress=False)
+    text = "<|persona|> the harbour log <|tool|> wind 14 knots 灯台"
+    ids = tokenizer(text + " " + MIXED_TEXT, add_special_tokens=False).input_ids[:200]
+    assert {tokenizer.convert_tokens_to_ids("<|persona|>"), tokenizer.convert_tokens_to_ids("<|tool|>")} <= set(ids)
+    reference_lm = AutoModelForCausalLM.from_pretrained(str(base))
+    reference_lm.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(reference_lm, str(seed)).merge_and_unload().eval()
+    with torch.no_grad():
+        h = merged.model(torch.tensor([ids])).last_hidden_state[0].double()
+        gate = 1 / (1 + np.exp(-1.618))
+        reference = ((h + gate * h @ rotation.weight.double().T) @ merged.lm_head.weight.double().T).numpy()
+    assert_parity(compare(reference, teacher_logits(result.model_path, ids)[1]), "qwen2")
+    llm = open_llama(result.model_path, vocab_only=True)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text, add_special_tokens=False).input_ids

@@ -1,15 +1,17 @@
 """Rerun the ZPTR benchmarks with one command and file the results for this machine class.
 
-    .venv/bin/python benchmarks/run_all.py              # full demo (timed) + full bench
-    .venv/bin/python benchmarks/run_all.py --no-demo --model CHECKPOINT_DIR
+    .venv/bin/python benchmarks/run_all.py                      # demo (timed) + bench at 135M and ~1B
+    .venv/bin/python benchmarks/run_all.py --no-demo --models bundled
 
 1. ``zptr demo`` at its default size, timed (skipped with ``--no-demo``); its final checkpoint is
-   the model benchmarked next (a trained soul and Omega router), unless ``--model`` is given.
-2. ``zptr bench`` over every path this machine has (PyTorch float32 / bfloat16 / NF4 with CUDA,
-   llama.cpp f16 / q8_0 / q4_k_m), Omega off / fast / exact.
-3. ``benchmarks/results/<date>-<machine>/``: bench.md/.json/.csv/.png, demo.json and
-   machine.md (CPU, cores, memory, load, library versions). Work files (GGUFs, the demo's
-   outputs) stay in ``--work-dir``, which is not committed.
+   the 135M model benchmarked next (a trained soul and Omega router).
+2. ``zptr bench`` on each model of ``--models`` (default: the demo's checkpoint, or ``bundled``,
+   and ``synthetic-1b``, random weights of TinyLlama 1.1B's shape), every path this machine has,
+   Omega off / fast / exact. A run with a noisy row (spread above 10 %, or a busy machine) is
+   retried up to ``--tries`` times; a model whose every try stays noisy is not filed.
+3. ``benchmarks/results/<date>-<machine>/``: per model ``bench-<model>.md/.json/.csv/.png``,
+   ``scale.md`` (how the llama.cpp / PyTorch ratio grows with size), ``demo.json`` and
+   ``machine.md``. Work files stay in ``--work-dir``, which is not committed.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 LIBRARIES = ("torch", "transformers", "peft", "llama-cpp-python", "gguf", "numpy")
+OUTPUTS = ("bench.md", "bench.json", "bench.csv", "bench.png")
 
 
 def zptr(*argv: str) -> None:
-    command = [sys.executable, "-m", "zptr", *argv]
     print("$ zptr " + " ".join(argv), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "zptr", *argv], check=True, cwd=ROOT)
 
 
 def machine_markdown(document: dict, demo_seconds: float | None) -> str:
@@ -40,8 +42,8 @@ def machine_markdown(document: dict, demo_seconds: float | None) -> str:
     lines = [f"# Machine — {document['date']}", "",
              f"- CPU: {m['cpu']} (`lscpu` model name), `nproc` = {m['nproc']}",
              f"- memory: {m['memory_gb']} GB; load average at bench start: {m['load_average_1m']}",
-             f"- measured memory bandwidth: {document['bandwidth_gbs']:.1f} GB/s "
-             f"(threaded numpy copy, best of 5)",
+             f"- measured memory bandwidth: {document['bandwidth_gbs']:.1f} GB/s (threaded numpy copy, "
+             f"best of 5); float32 matrix peak {document['compute_gflops']:.0f} GFLOP/s",
              f"- platform: {m['platform']}, Python {m['python']}",
              "- libraries: " + ", ".join(f"{name} {metadata.version(name)}" for name in LIBRARIES)]
     if demo_seconds is not None:
@@ -55,40 +57,82 @@ def slug(document: dict) -> str:
     return f"{document['date'][:10]}-{m['nproc']}cpu-{cpu}"
 
 
+def quiet_bench(model: str, out: Path, args: argparse.Namespace) -> dict | None:
+    """The bench of ``model``, retried while a row is noisy; None when every try was."""
+    for attempt in range(1, args.tries + 1):
+        zptr("bench", "--model", model, "-p", args.p, "-n", args.n, "-r", args.r, "--output-dir", str(out))
+        document = json.loads((out / "bench.json").read_text())
+        noisy = [f"{r['path']}/{r['omega']}" for r in document["rows"] if r["noisy"]]
+        if not noisy:
+            return document
+        print(f"try {attempt}/{args.tries} of {model}: noisy rows {', '.join(noisy)}", flush=True)
+    return None
+
+
+def scale_table(documents: dict[str, dict]) -> str:
+    """Decode and prefill of every path at every size, and llama.cpp q4_k_m over PyTorch f32."""
+    lines = ["| model | path | prefill t/s | decode t/s | decode of its roof | prefill of its roof |",
+             "|---|---|---|---|---|---|"]
+    ratios = []
+    for name, document in documents.items():
+        rows = {r["path"]: r for r in document["rows"] if r["omega"] == "off"}
+        for path, row in rows.items():
+            lines.append(f"| {name} | {path} | {row['prefill_tps']:.1f} | {row['decode_tps']:.1f} | "
+                         f"{row['roofline_share']:.1%} | {row['compute_share']:.1%} |")
+        if "llama-q4_k_m" in rows and "torch-f32" in rows:
+            ratios.append(f"- {name}: llama.cpp q4_k_m / PyTorch float32 decode "
+                          f"{rows['llama-q4_k_m']['decode_tps'] / rows['torch-f32']['decode_tps']:.2f}x, prefill "
+                          f"{rows['llama-q4_k_m']['prefill_tps'] / rows['torch-f32']['prefill_tps']:.2f}x")
+    return "\n".join(["# Scale: Omega off, every path", "", *lines, "", *ratios]) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint / HF dir / 'bundled' to bench (default: the demo's checkpoint)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="checkpoints / HF dirs / 'bundled' / 'synthetic-1b' (default: the demo's "
+                             "checkpoint or bundled, and synthetic-1b)")
     parser.add_argument("--no-demo", action="store_true", help="skip the timed demo run")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "zptr-bench", help="GGUFs and demo outputs")
+    parser.add_argument("--tries", type=int, default=3, help="runs of a bench while a row stays noisy")
     parser.add_argument("-p", default="128")
     parser.add_argument("-n", default="64")
-    parser.add_argument("-r", default="3")
+    parser.add_argument("-r", default="5")
     args = parser.parse_args()
-    if args.no_demo and not args.model:
-        parser.error("--no-demo needs --model")
 
     demo_seconds, demo_summary = None, None
-    model = args.model
+    first = "bundled"
     if not args.no_demo:
         demo_dir = args.work_dir / "demo"
         started = time.perf_counter()
         zptr("demo", "--output-dir", str(demo_dir), "--overwrite")
         demo_seconds = time.perf_counter() - started
         demo_summary = json.loads((demo_dir / "demo.json").read_text(encoding="utf-8"))
-        model = model or demo_summary["outputs"]["checkpoint"]
+        first = demo_summary["outputs"]["checkpoint"]
+    models = args.models or [first, "synthetic-1b"]
 
-    bench_dir = args.work_dir / "bench"
-    zptr("bench", "--model", model, "-p", args.p, "-n", args.n, "-r", args.r, "--output-dir", str(bench_dir))
-    document = json.loads((bench_dir / "bench.json").read_text())
-    target = RESULTS / slug(document)
+    documents: dict[str, dict] = {}
+    for model in models:
+        label = "135m-demo" if model == first and not args.models else Path(model).name
+        document = quiet_bench(model, args.work_dir / f"bench-{label}", args)
+        if document is None:
+            print(f"{model}: every try was noisy; nothing filed for it", flush=True)
+            continue
+        documents[label] = document
+    if not documents:
+        return 1
+    target = RESULTS / slug(next(iter(documents.values())))
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("bench.md", "bench.json", "bench.csv", "bench.png"):
-        shutil.copy2(bench_dir / name, target / name)
+    for label in documents:
+        for name in OUTPUTS:
+            stem, suffix = name.split(".")
+            shutil.copy2(args.work_dir / f"bench-{label}" / name, target / f"{stem}-{label}.{suffix}")
+    (target / "scale.md").write_text(scale_table(documents), encoding="utf-8")
     if demo_summary is not None:
         demo_summary["wall_time_s"] = round(demo_seconds, 1)
         (target / "demo.json").write_text(json.dumps(demo_summary, indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
-    (target / "machine.md").write_text(machine_markdown(document, demo_seconds), encoding="utf-8")
+    (target / "machine.md").write_text(machine_markdown(next(iter(documents.values())), demo_seconds),
+                                       encoding="utf-8")
     print(f"\nresults filed in {target}")
     return 0
 

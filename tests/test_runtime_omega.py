@@ -124,3 +124,18 @@ def test_exact_choice_on_float16_weights_is_the_float32_argmax():
             logits[second] += exact[first] - exact[second] - rng.uniform(0, 1e-3)
             exact = logits + corrector.gate * (matrix @ output)
         assert corrector.exact_choice(logits, output) == int(np.argmax(exact)), trial
+
+
+@pytest.mark.parametrize("pieces, stops, expected", [
+    (["Hel", "lo wor", "ld"], ["wor"], "Hello "),
+    (["a", "b", "<", "|e", "nd|>", "tail"], ["<|end|>"], "ab"),
+    (["a<", "|x"], ["<|end|>"], "a<|x"),  # a held-back prefix that never completes is released
+    (["no stop here"], [], "no stop here"),
+    (["xx", "STOP"], ["ST", "STOP"], "xx"),
+])
+def test_stop_filter_cuts_at_the_first_stop_string(pieces, stops, expected):
+    from zptr.runtime.sampling import StopFilter
+
+    stop = StopFilter(stops)
+    assert "".join(stop.filter(iter(pieces))) == expected
+    assert stop.stopped == any(s in "".join(pieces) for s in stops)

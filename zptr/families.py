@@ -217,10 +217,3 @@ def family_of(model_type: Optional[str]) -> Family:
     supported = ", ".join(sorted(_BY_MODEL_TYPE))
     hint = f": {NOT_SUPPORTED[model_type]}" if model_type in NOT_SUPPORTED else ""
     raise ConfigError(f"unsupported architecture {model_type!r}{hint}; supported: {supported}")
-
-
-def family_of_config(config) -> Family:
-    """The family of a HF config object, with its refusals checked."""
-    family = family_of(getattr(config, "model_type", None))
-    family.check(config)
-    return family

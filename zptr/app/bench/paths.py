@@ -4,7 +4,7 @@ worker process runs."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -48,21 +48,20 @@ class WorkerJob:
     gguf: Optional[str] = None
     sidecar: Optional[str] = None
     result: str = ""
-    spec: PathSpec = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        if self.spec is None:
-            self.spec = PATHS[self.name]
         self.result = self.result or str(Path(self.workdir) / f"{self.name}.result.json")
+
+    @property
+    def spec(self) -> PathSpec:
+        return PATHS[self.name]
 
     def logits_file(self, mode: str) -> Path:
         return Path(self.workdir) / f"{self.name}.{mode}.npy"
 
     def save(self) -> Path:
         path = Path(self.workdir) / f"{self.name}.job.json"
-        data = asdict(self)
-        data.pop("spec")
-        path.write_text(json.dumps(data))
+        path.write_text(json.dumps(asdict(self)))
         return path
 
     @classmethod

@@ -38,6 +38,7 @@ import numpy as np
 from zptr.dataset import mixed_text_path
 from zptr.errors import ZptrError
 from zptr.fileio import atomic_file
+from zptr.runtime.metrics import quality
 
 OMEGA_MODES = ("off", "fast", "exact")
 DEFAULT_TEXT = mixed_text_path()
@@ -159,19 +160,6 @@ def median_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.median(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def quality(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
-    """(mean KL(reference || path), top-1 agreement) over positions, in float64."""
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    ref, got = log_softmax(reference), log_softmax(logits)
-    kl = (np.exp(ref) * (ref - got)).sum(-1)
-    top1 = (reference.argmax(-1) == logits.argmax(-1)).mean()
-    return float(kl.mean()), float(top1)
-
-
 # ------------------------------------------------------------------------------ the two paths
 #
 # Both backends expose the same interface (runtime.engine.ZptrLlama, runtime.reference.
@@ -185,25 +173,12 @@ def load_torch_path(checkpoint: Path, kind: str, threads: int):
     """The ZPTR model of a checkpoint in PyTorch: LoRA merged (kept unmerged on 4-bit), head on."""
     import torch
 
-    from zptr.checkpoint import load_checkpoint, load_head_tensors
-    from zptr.model import ZptrModel
-    from zptr.models import load_base_model
+    from zptr.model import load_zptr_model
 
     torch.set_num_threads(threads)
-    ckpt = load_checkpoint(checkpoint)
-    dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
     nf4 = kind == "nf4"
-    lm = load_base_model(ckpt.base_model, dtype=dtype, load_in_4bit=nf4,
-                         device_map="cuda" if nf4 else None)
-    if ckpt.adapter_dir is not None:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, str(ckpt.adapter_dir))
-        if not nf4:
-            lm = lm.merge_and_unload()
-    model = ZptrModel(lm, ckpt.config)
-    load_head_tensors(model.head, ckpt.tensors)
-    return (model if nf4 else model.to(dtype)).eval(), ckpt
+    return load_zptr_model(checkpoint, dtype=torch.bfloat16 if kind == "bfloat16" else torch.float32,
+                           load_in_4bit=nf4, device_map="cuda" if nf4 else None)
 
 
 @contextlib.contextmanager

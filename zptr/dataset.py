@@ -188,14 +188,19 @@ def calibration_ids(path: Union[str, Path], tokenizer) -> list[int]:
         examples, _ = read_jsonl(path, tokenizer)
         return [token for example in examples
                 for token in tokenizer(example.text, add_special_tokens=not example.chat)["input_ids"]]
-    check_data_file(path)
+    return tokenizer(read_text(path), add_special_tokens=True)["input_ids"]
+
+
+def read_text(path: Union[str, Path]) -> str:
+    """A plain UTF-8 text file with something in it."""
+    path = check_data_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not text.strip():
         raise DatasetError(f"{path}: empty text")
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+    return text
 
 
 def check_chunking(ctx: int, max_chunks: Optional[int]) -> None:

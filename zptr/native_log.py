@@ -21,8 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, TextIO
 
-# ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues the previous line)
-INFO, WARN, ERROR, DEBUG, CONT = 1, 2, 3, 4, 5
+# ggml_log_level (ggml.h of the pinned llama.cpp): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4,
+# CONT 5 (continues the previous line)
+DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5
 
 _FALLBACK = re.compile(r"ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\)"
                        r".*falling back to\s+(\S+)")

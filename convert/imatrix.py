@@ -166,8 +166,11 @@ def model_from_gguf(path: Path) -> CalibrationModel:
 
 
 def calibration_model(model: PathLike, base_model: Optional[PathLike] = None) -> CalibrationModel:
-    """MODEL of ``zptr imatrix``: a checkpoint, a HF directory, or an f32/f16/bf16 GGUF."""
-    path = Path(model)
+    """MODEL of ``zptr imatrix``: a checkpoint, a HF directory, an f32/f16/bf16 GGUF, or
+    'bundled' (the bundled SmolLM2's HF directory)."""
+    from zptr.models import BUNDLED_ALIASES, smollm2_hf_dir
+
+    path = smollm2_hf_dir() if str(model).lower() in BUNDLED_ALIASES else Path(model)
     if path.is_file() and path.suffix == ".gguf":
         if base_model is not None:
             raise ConvertError(f"{path} is a GGUF: --base-model applies to checkpoints only")
@@ -273,16 +276,16 @@ def training_data(src: Source) -> tuple[Path, str]:
     return path, f"the checkpoint's training data {path} (sha256 as at training)"
 
 
-def auto_imatrix(src: Source, path: Path, progress: bool = True) -> Imatrix:
-    """Compute ``--imatrix auto`` for ``src`` into ``path`` (a temporary), saying on stderr which
-    data it calibrates on."""
+def auto_imatrix(src: Source, path: Path, chunks: Optional[int] = None, progress: bool = True) -> Imatrix:
+    """Compute ``--imatrix auto`` for ``src`` into ``path`` (a temporary) on at most ``chunks``
+    chunks, saying on stderr which data it calibrates on."""
     from zptr.formats.imatrix import write_imatrix
 
     data, why = training_data(src)
     print(f"imatrix: calibrating on {why}", file=sys.stderr, flush=True)
     model = model_from_source(src)
     limit = getattr(src.model.config, "max_position_embeddings", None) or DEFAULT_CTX
-    imatrix = compute_imatrix(model, data, ctx=min(DEFAULT_CTX, limit), progress=progress)
+    imatrix = compute_imatrix(model, data, ctx=min(DEFAULT_CTX, limit), chunks=chunks, progress=progress)
     write_imatrix(path, imatrix)
     return imatrix
 

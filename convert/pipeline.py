@@ -107,11 +107,12 @@ def _write_model(src: Source, path: Path, outtype: str, metadata: dict[str, Any]
 def convert_model(source: PathLike, outfile: PathLike, outtype: str = "q4_k_m",
                   base_model: Optional[PathLike] = None, overwrite: bool = False,
                   export_hf: Optional[PathLike] = None, progress: bool = True,
-                  imatrix: Optional[PathLike] = None) -> ConvertResult:
+                  imatrix: Optional[PathLike] = None, auto_chunks: Optional[int] = None) -> ConvertResult:
     """Convert a checkpoint, seed-format directory or HF directory to GGUF (+ sidecar, + HF export).
 
     ``imatrix``: an imatrix file for llama.cpp's quantizer, or ``"auto"`` to compute one from
-    the checkpoint's training data (kept next to the model as ``X.imatrix.gguf``).
+    the checkpoint's training data (kept next to the model as ``X.imatrix.gguf``) on at most
+    ``auto_chunks`` chunks (default: all of it).
     """
     outfile = Path(outfile)
     outtype = check_outtype(outtype)
@@ -140,7 +141,7 @@ def convert_model(source: PathLike, outfile: PathLike, outtype: str = "q4_k_m",
             if imatrix_tmp is not None:
                 from .imatrix import auto_imatrix
 
-                auto_imatrix(src, imatrix_tmp, progress)
+                auto_imatrix(src, imatrix_tmp, chunks=auto_chunks, progress=progress)
             _write_model(src, model_tmp, outtype, metadata, imatrix_tmp or given,
                          str(imatrix_out or given) if imatrix is not None else None, progress)
             if sidecar_tmp is not None:

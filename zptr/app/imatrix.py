@@ -18,7 +18,7 @@ from .args import add_overwrite, add_progress, add_threads, threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="ZPTR checkpoint (LoRA merged and soul folded, as converted), "
+    parser.add_argument("model", help="ZPTR checkpoint (LoRA merged and soul folded, as converted), 'bundled', "
                                       "HF model directory, or f32/f16 GGUF")
     parser.add_argument("--data", required=True, metavar="FILE",
                         help="calibration data: JSONL in the training format (chat template applied) "

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+import gguf
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -31,7 +32,7 @@ from zptr.dataset import calibration_ids, llama_chunks, sample_corpus_path
 from zptr.errors import ConvertError, ImatrixError
 from zptr.families import family_of
 from zptr.fileio import sha256_file
-from zptr.formats.gguf import OUTPUT, open_gguf
+from zptr.formats.gguf import OUTPUT, architecture, field_value, open_gguf
 from zptr.formats.imatrix import Entry, Imatrix, read_imatrix
 from zptr.jsonio import read_object
 
@@ -44,6 +45,8 @@ PathLike = Union[str, Path]
 DEFAULT_CTX = 512
 BLOCK_PREFIX = "blk."
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
+_ROPE_FACTOR_TENSORS = {gguf.TENSOR_NAMES[kind] + ".weight" for kind in (
+    gguf.MODEL_TENSOR.ROPE_FREQS, gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)}
 TRAINER_STATE = Path("trainer_state") / "trainer_state.json"
 
 
@@ -154,6 +157,14 @@ def model_from_gguf(path: Path) -> CalibrationModel:
     if quantized:
         raise ConvertError(f"{path} holds {', '.join(quantized)} tensors: compute the imatrix on "
                            "the f32/f16 GGUF (or the checkpoint) that gets quantized")
+    scaled = [t.name for t in reader.tensors if t.name in _ROPE_FACTOR_TENSORS]
+    scaling = field_value(reader, gguf.Keys.Rope.SCALING_TYPE.format(arch=architecture(reader)))
+    if scaled or scaling not in (None, "none"):
+        # transformers (5.23) reads such a GGUF back with plain RoPE: its activations, and so the
+        # statistic, would not be the model's.
+        raise ConvertError(f"{path}: its RoPE scaling ({scaled[0] if scaled else scaling}) is lost when "
+                           "transformers reads the GGUF; compute the imatrix on the checkpoint or HF "
+                           "directory it was converted from")
     del reader
     try:
         lm = load_base_model(path)

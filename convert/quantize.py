@@ -6,7 +6,8 @@ exits 130 / 143. Its log lines are summarised by :mod:`zptr.native_log`.
 
 :func:`quantize_gguf` is ``zptr quantize``: re-quantize a float GGUF, re-pairing its Omega
 sidecar with the new file (the pairing is by sha256, which quantization changes). Both outputs
-appear together or not at all.
+appear together or not at all. With an importance matrix (:mod:`.imatrix`, checked against the
+model before anything is written) the output records llama-quantize's ``quantize.imatrix.*`` keys.
 """
 
 from __future__ import annotations

@@ -139,6 +139,29 @@ def test_values_equal_a_hand_computation(work):
         np.testing.assert_allclose(means[name], (total / (n_chunks * CTX)).numpy(), rtol=2e-5, err_msg=name)
 
 
+def test_gguf_model_gives_the_hf_models_statistic(work, tmp_path, capsys):
+    """MODEL may be a float GGUF: transformers reads it back and the statistic is that of the
+    HF model it was converted from. A GGUF whose RoPE scaling transformers would drop (the tiny
+    llama's Llama 3 rope_freqs) is refused instead."""
+    hf = save_tiny_model("qwen2", tmp_path / "qwen2", tokenizer=AutoTokenizer.from_pretrained(str(work["base"])))
+    f32 = tmp_path / "qwen2.gguf"
+    assert zptr("convert", hf, "--outfile", f32, "--outtype", "f32", "--no-progress") == 0
+    outputs = {}
+    for name, model in (("gguf", f32), ("hf", hf)):
+        outputs[name] = tmp_path / f"{name}.imatrix.gguf"
+        assert zptr("imatrix", model, "--data", work["calibration"], "-o", outputs[name], "-c", CTX,
+                    "--chunks", 4, "--no-progress") == 0
+    from_gguf, from_hf = (read_imatrix(outputs[n]).means() for n in ("gguf", "hf"))
+    assert set(from_gguf) == set(from_hf)
+    for name, values in from_gguf.items():
+        np.testing.assert_allclose(values, from_hf[name], rtol=1e-4, err_msg=name)
+    capsys.readouterr()
+    assert zptr("imatrix", work["f32"], "--data", work["calibration"], "-o", tmp_path / "x.gguf",
+                "--no-progress") == 1
+    assert "rope_freqs.weight) is lost when transformers reads the GGUF" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_round_trip_with_experts(tmp_path):
     """Per-expert sums and counts survive writing and reading; an expert no token reached gets
     ones, as llama-quantize gives it."""

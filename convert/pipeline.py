@@ -20,13 +20,14 @@ import gguf
 import torch
 
 from zptr.fileio import Outputs, check_separate
+from zptr.formats.imatrix import read_imatrix
 from zptr.formats.keys import Keys
 from zptr.formats.sidecar import sidecar_path_for, write_sidecar
 
 from .hf_export import export_hf as write_hf_export
 from .hparams import arch_params, write_hparams
 from .merge import EMBED
-from .quantize import check_outtype, llama_quantize, untied_embedding_type
+from .quantize import check_imatrix_type, check_outtype, llama_quantize, untied_embedding_type
 from .source import Source, load_source
 from .tensors import gguf_tensors
 from .vocab import write_vocab
@@ -34,6 +35,8 @@ from .writer import DIRECT_TYPES, write_gguf
 
 PathLike = Union[str, Path]
 INTERMEDIATE = "bf16"  # what llama.cpp's quantizer reads
+AUTO_IMATRIX = "auto"  # --imatrix auto: computed from the checkpoint's own training data
+IMATRIX_SUFFIX = ".imatrix.gguf"
 
 
 @dataclass
@@ -41,6 +44,13 @@ class ConvertResult:
     model_path: Path
     sidecar_path: Optional[Path]
     export_dir: Optional[Path] = None
+    imatrix_path: Optional[Path] = None  # written by --imatrix auto
+
+
+def imatrix_path_for(model_path: Path) -> Path:
+    """``X.gguf`` -> ``X.imatrix.gguf``: where ``--imatrix auto`` keeps what it computed."""
+    stem = model_path.name[:-len(".gguf")] if model_path.name.endswith(".gguf") else model_path.name
+    return model_path.with_name(stem + IMATRIX_SUFFIX)
 
 
 # Python type -> GGUF writer method; bool before int (bool is an int in Python).
@@ -66,7 +76,7 @@ def _single_thread() -> Iterator[None]:
 
 
 def _write_model(src: Source, path: Path, outtype: str, metadata: dict[str, Any],
-                 imatrix: Optional[Path], progress: bool) -> None:
+                 imatrix: Optional[Path], imatrix_name: Optional[str], progress: bool) -> None:
     """The GGUF of ``src`` at ``path`` (a temporary): written directly, or through a bf16
     intermediate and llama.cpp's quantizer."""
     config = src.model.config
@@ -93,21 +103,36 @@ def _write_model(src: Source, path: Path, outtype: str, metadata: dict[str, Any]
         embedding_type = untied_embedding_type(outtype, config.hidden_size) if untied else None
         if progress:
             print(f"quantizing to {outtype} with llama.cpp", file=sys.stderr, flush=True)
-        llama_quantize(intermediate, path, outtype, embedding_type=embedding_type, imatrix=imatrix)
+        llama_quantize(intermediate, path, outtype, embedding_type=embedding_type, imatrix=imatrix,
+                       imatrix_name=imatrix_name)
 
 
 def convert_model(source: PathLike, outfile: PathLike, outtype: str = "q4_k_m",
                   base_model: Optional[PathLike] = None, overwrite: bool = False,
                   export_hf: Optional[PathLike] = None, progress: bool = True,
-                  imatrix: Optional[PathLike] = None) -> ConvertResult:
-    """Convert a checkpoint, seed-format directory or HF directory to GGUF (+ sidecar, + HF export)."""
+                  imatrix: Optional[PathLike] = None, auto_chunks: Optional[int] = None) -> ConvertResult:
+    """Convert a checkpoint, seed-format directory or HF directory to GGUF (+ sidecar, + HF export).
+
+    ``imatrix``: an imatrix file for llama.cpp's quantizer, or ``"auto"`` to compute one from
+    the checkpoint's training data (kept next to the model as ``X.imatrix.gguf``) on at most
+    ``auto_chunks`` chunks (default: all of it).
+    """
     outfile = Path(outfile)
     outtype = check_outtype(outtype)
+    auto = imatrix is not None and str(imatrix) == AUTO_IMATRIX
+    given = Path(imatrix) if imatrix is not None and not auto else None
+    check_imatrix_type(outtype, imatrix)
     export_dir = Path(export_hf) if export_hf is not None else None
     with _single_thread():
         src = load_source(source, base_model)
         sidecar_path = sidecar_path_for(outfile) if src.omega else None
-        check_separate([*src.inputs, src.tokenizer_source, imatrix], [outfile, sidecar_path, export_dir])
+        imatrix_out = imatrix_path_for(outfile) if auto else None
+        check_separate([*src.inputs, src.tokenizer_source, given],
+                       [outfile, sidecar_path, export_dir, imatrix_out])
+        if given is not None:
+            from .imatrix import check_imatrix, source_shapes
+
+            check_imatrix(read_imatrix(given), source_shapes(src), str(given), outfile.name)
         metadata = dict(src.metadata)
         if sidecar_path is not None:
             metadata[Keys.Omega.SIDECAR] = sidecar_path.name
@@ -115,11 +140,17 @@ def convert_model(source: PathLike, outfile: PathLike, outtype: str = "q4_k_m",
             model_tmp = outputs.file(outfile)
             sidecar_tmp = outputs.file(sidecar_path) if sidecar_path is not None else None
             export_tmp = outputs.directory(export_dir) if export_dir is not None else None
-            _write_model(src, model_tmp, outtype, metadata, Path(imatrix) if imatrix else None, progress)
+            imatrix_tmp = outputs.file(imatrix_out) if imatrix_out is not None else None
+            if imatrix_tmp is not None:
+                from .imatrix import auto_imatrix
+
+                auto_imatrix(src, imatrix_tmp, chunks=auto_chunks, progress=progress)
+            _write_model(src, model_tmp, outtype, metadata, imatrix_tmp or given,
+                         str(imatrix_out or given) if imatrix is not None else None, progress)
             if sidecar_tmp is not None:
                 ckpt = src.checkpoint
                 write_sidecar(sidecar_tmp, src.omega, ckpt.config.omega, ckpt.config.hidden_size,
                               model_path=model_tmp, model_name=outfile.name)
             if export_tmp is not None:
                 write_hf_export(src.model, src.tokenizer_source, export_tmp, progress)
-    return ConvertResult(outfile, sidecar_path, export_dir)
+    return ConvertResult(outfile, sidecar_path, export_dir, imatrix_out)

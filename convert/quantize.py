@@ -6,7 +6,8 @@ exits 130 / 143. Its log lines are summarised by :mod:`zptr.native_log`.
 
 :func:`quantize_gguf` is ``zptr quantize``: re-quantize a float GGUF, re-pairing its Omega
 sidecar with the new file (the pairing is by sha256, which quantization changes). Both outputs
-appear together or not at all.
+appear together or not at all. With an importance matrix (:mod:`.imatrix`, checked against the
+model before anything is written) the output records llama-quantize's ``quantize.imatrix.*`` keys.
 """
 
 from __future__ import annotations
@@ -61,14 +62,24 @@ def untied_embedding_type(outtype: str, n_embd: int) -> Optional[int]:
     return int(gguf.GGMLQuantizationType.Q8_0 if n_embd % 256 else gguf.GGMLQuantizationType.Q6_K)
 
 
+def check_imatrix_type(outtype: str, imatrix: Optional[Path]) -> None:
+    """Refuse an imatrix for a type whose quantizer ignores it (float types and q8_0): the file
+    would record an imatrix that changed nothing."""
+    if imatrix is not None and outtype in _HIGH_PRECISION:
+        raise ConvertError(f"--imatrix {imatrix}: {outtype} does not use an importance matrix "
+                           f"(only quantized types below 8 bits do)")
+
+
 def llama_quantize(infile: Path, outfile: Path, outtype: str, *, embedding_type: Optional[int] = None,
                    kv_overrides: Optional[dict[str, str]] = None, imatrix: Optional[Path] = None,
-                   threads: int = 0) -> None:
+                   imatrix_name: Optional[str] = None, threads: int = 0) -> None:
     """Run llama.cpp's quantizer from ``infile`` to ``outfile`` in a child process (no checks, no
-    atomicity: ``outfile`` is the caller's temporary). An interrupt kills the child and re-raises."""
+    atomicity: ``outfile`` is the caller's temporary). An interrupt kills the child and re-raises.
+    ``imatrix_name`` is the imatrix path recorded in ``quantize.imatrix.file`` when ``imatrix``
+    is a temporary (default: ``imatrix`` itself)."""
     job = {"infile": str(infile), "outfile": str(outfile), "ftype": QUANT_TYPES[outtype],
            "threads": threads, "embedding_type": embedding_type, "kv_overrides": kv_overrides or {},
-           "imatrix": str(imatrix) if imatrix else None}
+           "imatrix": str(imatrix) if imatrix else None, "imatrix_name": imatrix_name}
     log = current()
     proc = subprocess.Popen([sys.executable, "-m", "zptr.convert.quantize_worker", json.dumps(job)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -106,8 +117,13 @@ def quantize_gguf(infile: Path, outfile: Path, outtype: str, overwrite: bool = F
     """Quantize a float GGUF to ``outtype``; re-pair IN's Omega sidecar with OUT when there is one."""
     infile, outfile = Path(infile), Path(outfile)
     outtype = check_outtype(outtype)
+    check_imatrix_type(outtype, imatrix)
     reader = open_gguf(infile)
     _check_quantizable(reader, infile)
+    if imatrix is not None:
+        from .imatrix import check_imatrix_for
+
+        check_imatrix_for(imatrix, infile)
     in_sidecar = sidecar_path_for(infile)
     sidecar = read_sidecar(in_sidecar) if in_sidecar.exists() else None
     out_sidecar = sidecar_path_for(outfile)
@@ -123,10 +139,6 @@ def quantize_gguf(infile: Path, outfile: Path, outtype: str, overwrite: bool = F
     with Outputs(overwrite) as outputs:
         model_tmp = outputs.file(outfile)
         sidecar_tmp = outputs.file(out_sidecar) if sidecar is not None else None
-        if imatrix is not None:
-            from .imatrix import check_imatrix_for
-
-            check_imatrix_for(imatrix, infile)
         llama_quantize(infile, model_tmp, outtype, embedding_type=embedding_type,
                        kv_overrides=overrides, imatrix=imatrix)
         if sidecar is not None:
@@ -135,5 +147,5 @@ def quantize_gguf(infile: Path, outfile: Path, outtype: str, overwrite: bool = F
     return outfile
 
 
-__all__ = ["QUANT_TYPES", "check_outtype", "llama_quantize", "quantize_gguf",
+__all__ = ["QUANT_TYPES", "check_imatrix_type", "check_outtype", "llama_quantize", "quantize_gguf",
            "untied_embedding_type"]

@@ -12,29 +12,51 @@ from __future__ import annotations
 import ctypes
 import json
 import sys
+from typing import Union
 
 
-def _overrides(values: dict[str, str]):
-    """A null-terminated array of llama_model_kv_override setting string keys."""
+def _set_str(slot, value: str) -> None:
+    import llama_cpp
+
+    slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+    # llama.cpp keeps 127 bytes of a string override (llama-quantize truncates the same way);
+    # cut on a character boundary so the stored string stays valid UTF-8.
+    slot.value.val_str = value.encode()[:127].decode("utf-8", "ignore").encode()
+
+
+def _set_int(slot, value: int) -> None:
+    import llama_cpp
+
+    slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT  # written to the output as uint32
+    slot.value.val_i64 = value
+
+
+# Python type of an override value -> how its slot is filled (bool is no override type here).
+_SETTERS = {str: _set_str, int: _set_int}
+
+
+def _overrides(values: dict[str, Union[str, int]]):
+    """A null-terminated array of llama_model_kv_override setting string and integer keys."""
     import llama_cpp
 
     overrides = (llama_cpp.llama_model_kv_override * (len(values) + 1))()
     for slot, (key, value) in zip(overrides, values.items()):
-        slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
         slot.key = key.encode()
-        slot.value.val_str = value.encode()
+        _SETTERS[type(value)](slot, value)
     return overrides
 
 
-def _imatrix_array(path: str):
+def _imatrix_array(path: str, recorded_as: str):
     """llama.cpp's C interface for an importance matrix: {name, data, size} entries, then a null
-    name. The arrays are kept referenced by the returned tuple until the call ends."""
+    name; and the quantize.imatrix.* keys llama-quantize records with it. The arrays are kept
+    referenced by the returned tuple until the call ends."""
     import llama_cpp
     import numpy as np
 
-    from zptr.formats.imatrix import read_imatrix
+    from zptr.formats.imatrix import Keys, read_imatrix
 
-    values = read_imatrix(path).means()
+    imatrix = read_imatrix(path)
+    values = imatrix.means()
     entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
     keep = []
     for slot, (name, data) in zip(entries, values.items()):
@@ -43,7 +65,13 @@ def _imatrix_array(path: str):
         slot.name = name.encode()
         slot.data = array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         slot.size = array.size
-    return entries, keep
+    keys: dict[str, Union[str, int]] = {Keys.Quantize.FILE: recorded_as}
+    if imatrix.datasets:
+        keys[Keys.Quantize.DATASET] = imatrix.datasets[0]
+    keys[Keys.Quantize.ENTRIES_COUNT] = len(values)
+    if imatrix.chunk_count > 0:
+        keys[Keys.Quantize.CHUNKS_COUNT] = imatrix.chunk_count
+    return entries, keep, keys
 
 
 def run(job: dict) -> int:
@@ -58,14 +86,16 @@ def run(job: dict) -> int:
     if job.get("embedding_type") is not None:
         params.token_embedding_type = job["embedding_type"]
     keep = []
-    if job.get("kv_overrides"):
-        overrides = _overrides(job["kv_overrides"])
+    kv_overrides = dict(job.get("kv_overrides") or {})
+    if job.get("imatrix"):
+        entries, arrays, keys = _imatrix_array(job["imatrix"], job.get("imatrix_name") or job["imatrix"])
+        keep += [entries, arrays]
+        kv_overrides.update(keys)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if kv_overrides:
+        overrides = _overrides(kv_overrides)
         keep.append(overrides)
         params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-    if job.get("imatrix"):
-        entries, arrays = _imatrix_array(job["imatrix"])
-        keep += [entries, arrays]
-        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     status = llama_cpp.llama_model_quantize(job["infile"].encode(), job["outfile"].encode(),
                                             ctypes.byref(params))
     flush()

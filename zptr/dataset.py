@@ -16,13 +16,12 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .fileio import sha256_file
 from .errors import DatasetError
+from .fileio import sha256_file
 
 SAMPLE_CORPUS = "sample_corpus.jsonl"
 MIXED_TEXT = "mixed_text.txt"
 IGNORE_INDEX = -100  # label value cross-entropy skips (padding)
-
 
 
 @dataclass
@@ -174,3 +173,66 @@ def global_batch_indices(position: int, global_batch: int, num_examples: int, se
         epoch, offset = divmod(at, num_examples)
         indices.append(epoch_order(num_examples, epoch, seed)[offset])
     return indices
+
+
+def calibration_ids(path: Union[str, Path], tokenizer) -> list[int]:
+    """The token ids of a calibration or evaluation file, one stream.
+
+    ``.jsonl`` is training data: each example tokenized as training tokenizes it (chat template
+    applied, special tokens added once), the examples one after another. Any other file is plain
+    UTF-8 text tokenized whole, special tokens added as llama-imatrix's ``common_tokenize`` adds
+    them (a BOS at the start when the tokenizer adds one).
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        examples, _ = read_jsonl(path, tokenizer)
+        return [token for example in examples
+                for token in tokenizer(example.text, add_special_tokens=not example.chat)["input_ids"]]
+    return tokenizer(read_text(path), add_special_tokens=True)["input_ids"]
+
+
+def read_text(path: Union[str, Path]) -> str:
+    """A plain UTF-8 text file with something in it."""
+    path = check_data_file(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not text.strip():
+        raise DatasetError(f"{path}: empty text")
+    return text
+
+
+def check_chunking(ctx: int, max_chunks: Optional[int]) -> None:
+    """Refuse a chunk size or count no chunking can use (before any model is loaded)."""
+    if ctx < 2:
+        raise DatasetError(f"-c/--ctx-size must be at least 2 tokens, got {ctx}")
+    if max_chunks is not None and max_chunks < 1:
+        raise DatasetError(f"--chunks must be at least 1, got {max_chunks}")
+
+
+def check_data_file(path: Union[str, Path]) -> Path:
+    """A data file that exists (a clear error before any model is loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such data file" if not path.exists()
+                           else f"{path}: is a directory, not a data file")
+    return path
+
+
+def llama_chunks(ids: list[int], ctx: int, max_chunks: Optional[int], bos: Optional[int],
+                 min_chunks: int, where: str) -> list[list[int]]:
+    """Chunks as llama-imatrix and llama-perplexity form them: consecutive windows of ``ctx``
+    tokens (a shorter tail is dropped), at most ``max_chunks``, the first token of each replaced
+    by BOS when the model adds one (``bos``; the token is overwritten, not inserted)."""
+    check_chunking(ctx, max_chunks)
+    if len(ids) < min_chunks * ctx:
+        raise DatasetError(f"{where}: {len(ids)} tokens, fewer than the {min_chunks * ctx} that "
+                           f"{min_chunks} chunk{'s' if min_chunks > 1 else ''} of -c {ctx} need "
+                           "(give more text or a smaller -c)")
+    count = len(ids) // ctx if max_chunks is None else min(max_chunks, len(ids) // ctx)
+    chunks = [list(ids[i * ctx:(i + 1) * ctx]) for i in range(count)]
+    if bos is not None:
+        for chunk in chunks:
+            chunk[0] = bos
+    return chunks

@@ -39,6 +39,10 @@ class SidecarError(ZptrError, ValueError):
     """An Omega sidecar is missing, corrupt, of another format, or pairs with another model."""
 
 
+class ImatrixError(ZptrError, ValueError):
+    """An importance-matrix file is unreadable, malformed, or does not fit the model."""
+
+
 class ModelLoadError(ZptrError, RuntimeError):
     """A model file cannot be opened (missing, not GGUF, truncated, refused by llama.cpp)."""
 

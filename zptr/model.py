@@ -169,3 +169,24 @@ class ZptrModel(nn.Module):
     def detach_head(self) -> None:
         """Remove the hook: the base model is left exactly as it was."""
         self._hook.remove()
+
+
+def load_zptr_model(checkpoint, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False,
+                    device_map=None):
+    """(ZptrModel, Checkpoint) of a checkpoint directory on its recorded base model: the LoRA
+    merged (kept unmerged on a 4-bit base, which cannot absorb it), the head's tensors loaded.
+    The PyTorch side of ``zptr bench`` and ``zptr eval --kl-base CHECKPOINT``."""
+    from .checkpoint import load_checkpoint, load_head_tensors
+    from .models import load_base_model
+
+    ckpt = load_checkpoint(checkpoint)
+    lm = load_base_model(ckpt.base_model, dtype=dtype, load_in_4bit=load_in_4bit, device_map=device_map)
+    if ckpt.adapter_dir is not None:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(ckpt.adapter_dir))
+        if not load_in_4bit:
+            lm = lm.merge_and_unload()
+    model = ZptrModel(lm, ckpt.config)
+    load_head_tensors(model.head, ckpt.tensors)
+    return (model if load_in_4bit else model.to(dtype)).eval(), ckpt

@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, TextIO
 
-# ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the
-# previous line). llama-cpp-python's own callback maps an older numbering.
+# ggml_log_level (ggml.h of the pinned llama.cpp): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4,
+# CONT 5 (continues the previous line). llama-cpp-python's own callback maps an older numbering.
 DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5
 
 _FALLBACK = re.compile(r"ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\)"

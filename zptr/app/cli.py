@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("zptr.app.train", "fine-tune a base model with LoRA + soul + Omega"),
     "convert": ("zptr.app.convert", "checkpoint or HF model -> GGUF (soul folded) + Omega sidecar"),
     "quantize": ("zptr.app.quantize", "re-quantize a GGUF to any llama.cpp type"),
+    "imatrix": ("zptr.app.imatrix", "importance matrix for llama.cpp's quantizer from calibration text"),
+    "eval": ("zptr.app.eval", "perplexity and KL divergence of a GGUF against a base model"),
     "run": ("zptr.app.run", "generate with a GGUF on llama.cpp, Omega routing on top"),
     "bench": ("zptr.app.bench", "tokens/s and quality: PyTorch path vs llama.cpp path"),
     "inspect": ("zptr.app.inspect", "describe a checkpoint or a GGUF file"),

@@ -21,15 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model overriding the checkpoint's: HF directory, .gguf file or 'bundled'")
     parser.add_argument("--export-hf", default=None, metavar="DIR",
                         help="also write the merged, folded model as a plain HF directory")
+    parser.add_argument("--imatrix", default=None, metavar="FILE|auto",
+                        help="importance matrix for llama.cpp's quantizer (zptr imatrix or "
+                             "llama-imatrix), or 'auto': computed from the checkpoint's training "
+                             "data when it is still there, else the bundled corpus (kept as "
+                             "OUTFILE's X.imatrix.gguf)")
     add_overwrite(parser)
     add_progress(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     result = convert_model(Path(args.source), Path(args.outfile), args.outtype, base_model=args.base_model,
-                           overwrite=args.overwrite, export_hf=args.export_hf, progress=args.progress)
+                           overwrite=args.overwrite, export_hf=args.export_hf, progress=args.progress,
+                           imatrix=args.imatrix)
     print(f"wrote {result.model_path}")
-    for extra in (result.sidecar_path, result.export_dir):
+    for extra in (result.sidecar_path, result.export_dir, result.imatrix_path):
         if extra is not None:
             print(f"wrote {extra}")
     return 0

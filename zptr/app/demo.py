@@ -3,7 +3,8 @@
 1. the base model: the bundled GGUF dequantised once into a cached HF directory;
 2. a short training run on the sample corpus, its alpha schedule compressed into ``--steps`` so
    the soul reaches golden;
-3. conversion of the final checkpoint to f16 and q4_k_m GGUF, each with its Omega sidecar;
+3. conversion of the final checkpoint to f16 and q4_k_m GGUF, each with its Omega sidecar, q4_k_m
+   quantized with an importance matrix computed from the run's own training data;
 4. a generation on llama.cpp with Omega fast and each token's route shown;
 5. a short bench (PyTorch float32 vs llama.cpp q4_k_m, Omega off / fast / exact);
 6. where every output went (also in ``demo.json``).
@@ -43,13 +44,14 @@ class Size:
     n_gen: int
     repetitions: int
     generate_tokens: int
+    imatrix_chunks: Optional[int]  # 512-token chunks of training data for q4_k_m's imatrix
 
 
 SIZES = {
     "full": Size(steps=40, max_length=96, bench_paths=("torch-f32", "llama-q4_k_m"),
-                 n_prompt=32, n_gen=16, repetitions=2, generate_tokens=48),
+                 n_prompt=32, n_gen=16, repetitions=2, generate_tokens=48, imatrix_chunks=None),
     "quick": Size(steps=4, max_length=32, bench_paths=("torch-f32", "llama-q4_k_m"),
-                  n_prompt=8, n_gen=4, repetitions=1, generate_tokens=8),
+                  n_prompt=8, n_gen=4, repetitions=1, generate_tokens=8, imatrix_chunks=2),
 }
 
 
@@ -115,15 +117,24 @@ def train_stage(output_dir: Path, size: Size, steps: int) -> Path:
     return checkpoint
 
 
-def convert_stage(checkpoint: Path, models_dir: Path) -> dict[str, tuple[Path, Optional[Path]]]:
+# Out type -> the --imatrix of its conversion: quantized below 8 bits, llama.cpp's rounding is
+# weighted by the activations of the run's own training data.
+CONVERSIONS = {"f16": None, "q4_k_m": "auto"}
+
+
+def convert_stage(checkpoint: Path, models_dir: Path, imatrix_chunks: Optional[int] = None
+                  ) -> dict[str, tuple[Path, Optional[Path]]]:
     from ..convert import convert_model
 
     from .inspect import describe
 
     ggufs = {}
-    for outtype in ("f16", "q4_k_m"):
+    for outtype, imatrix in CONVERSIONS.items():
         result = convert_model(checkpoint, models_dir / f"zptr-smollm2-135m-{outtype}.gguf",
-                               outtype=outtype, progress=True)
+                               outtype=outtype, progress=True, imatrix=imatrix,
+                               auto_chunks=imatrix_chunks)
+        if result.imatrix_path is not None:
+            print(f"    importance matrix {result.imatrix_path}", flush=True)
         info = describe(result.model_path)
         print(f"    {result.model_path} ({result.model_path.stat().st_size / 1e6:.0f} MB), "
               f"sidecar {result.sidecar_path}; zptr phase: {info.get('phase', 'unknown')}", flush=True)
@@ -183,6 +194,7 @@ def main(args: argparse.Namespace) -> int:
         timings[name] = round(time.perf_counter() - t0, 1)
         return value
 
+    from ..convert.pipeline import imatrix_path_for
     from ..models import smollm2_hf_dir
 
     total = 5
@@ -191,8 +203,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"    HF directory {base}", flush=True)
     _stage(2, total, "training: LoRA + soul + Omega, compressed alpha schedule")
     checkpoint = timed("train", lambda: train_stage(output_dir, size, steps))
-    _stage(3, total, "conversion: soul folded into lm_head, f16 and q4_k_m + Omega sidecars")
-    ggufs = timed("convert", lambda: convert_stage(checkpoint, output_dir / "models"))
+    _stage(3, total, "conversion: soul folded into lm_head, f16 and q4_k_m (imatrix from the "
+                     "training data) + Omega sidecars")
+    ggufs = timed("convert", lambda: convert_stage(checkpoint, output_dir / "models", size.imatrix_chunks))
     _stage(4, total, "generation on llama.cpp (q4_k_m), Omega fast, route of every token")
     generation = timed("generate", lambda: generate_stage(ggufs["q4_k_m"][0], args.prompt,
                                                           size.generate_tokens, args.threads,
@@ -208,6 +221,7 @@ def main(args: argparse.Namespace) -> int:
         "training metrics": output_dir / "train" / "metrics.jsonl",
         "GGUF f16": ggufs["f16"][0], "Omega sidecar f16": ggufs["f16"][1],
         "GGUF q4_k_m": ggufs["q4_k_m"][0], "Omega sidecar q4_k_m": ggufs["q4_k_m"][1],
+        "imatrix of q4_k_m": imatrix_path_for(ggufs["q4_k_m"][0]),
         "generation with routes": output_dir / "generation.txt",
         **{f"bench {ext}": output_dir / "bench" / f"bench.{ext}" for ext in ("md", "json", "csv", "png")},
         "this summary": output_dir / SUMMARY_FILE,

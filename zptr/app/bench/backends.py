@@ -27,27 +27,15 @@ from .paths import WorkerJob, WorkerResult
 
 
 def load_torch_path(checkpoint: Path, kind: str, threads: int):
-    """The ZPTR model of a checkpoint in PyTorch: LoRA merged (kept unmerged on 4-bit), head on."""
+    """The ZPTR model of a checkpoint in PyTorch in the path's weight type."""
     import torch
 
-    from zptr.checkpoint import load_checkpoint, load_head_tensors
-    from zptr.model import ZptrModel
-    from zptr.models import load_base_model
+    from zptr.model import load_zptr_model
 
     torch.set_num_threads(threads)
-    ckpt = load_checkpoint(checkpoint)
-    dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
     nf4 = kind == "nf4"
-    lm = load_base_model(ckpt.base_model, dtype=dtype, load_in_4bit=nf4, device_map="cuda" if nf4 else None)
-    if ckpt.adapter_dir is not None:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, str(ckpt.adapter_dir))
-        if not nf4:
-            lm = lm.merge_and_unload()
-    model = ZptrModel(lm, ckpt.config)
-    load_head_tensors(model.head, ckpt.tensors)
-    return (model if nf4 else model.to(dtype)).eval(), ckpt
+    return load_zptr_model(checkpoint, dtype=torch.bfloat16 if kind == "bfloat16" else torch.float32,
+                           load_in_4bit=nf4, device_map="cuda" if nf4 else None)
 
 
 @contextlib.contextmanager

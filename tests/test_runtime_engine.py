@@ -5,38 +5,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from omega_fixtures import omega_tensors
 
 from zptr.formats.sidecar import SidecarError, sidecar_path_for, write_sidecar
 from zptr.runtime.engine import OmegaModeError, ZptrLlama
 from zptr.errors import ModelLoadError
-from zptr.checkpoint import head_tensors
-from zptr.config import ZptrConfig
-from zptr.head import ZptrHead
 from zptr.models import smollm2_gguf_path
 from zptr.testing import SAMPLE_PROMPTS as PROMPTS
 
 
-def omega_tensors(hidden: int, gate: float, seed: int = 0):
-    """A random router (PyTorch's init: SmolLM2's h is large enough that the routes vary):
-    (tensors, Omega config, hidden size), the sidecar writer's arguments."""
-    torch.manual_seed(seed)
-    config = ZptrConfig(hidden_size=hidden)
-    head = ZptrHead(config)
-    with torch.no_grad():
-        head.omega.gate.fill_(gate)
-    return {k: v for k, v in head_tensors(head).items() if k.startswith("omega.")}, config.omega, hidden
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """The bundled GGUF linked into a temp dir, with its sidecar next to it (sigma(omega) = 0.047:
-    large enough to change greedy output, small enough for the fast certificate)."""
-    directory = tmp_path_factory.mktemp("runtime")
-    link = directory / "smol.gguf"
-    link.symlink_to(smollm2_gguf_path())
-    write_sidecar(sidecar_path_for(link), *omega_tensors(576, -3.0), link)
-    return link
+def model(smollm2_omega) -> Path:
+    return smollm2_omega
 
 
 @pytest.fixture(scope="module")

@@ -354,6 +354,14 @@ class ZptrLlama:
         if bad:
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{self.llm.n_vocab() - 1})")
 
+    def check_settings(self, settings: SamplingSettings) -> None:
+        """Refuse a logit bias of a token outside the vocabulary (NumPy would index past the
+        logits, or wrap a negative id around to the vocabulary's end)."""
+        n_vocab = self.llm.n_vocab()
+        bad = [token for token in settings.logit_bias if not 0 <= token < n_vocab]
+        if bad:
+            raise ConfigError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+
     def is_end(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, end-of-turn, ... as the vocabulary says)."""
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
@@ -477,6 +485,7 @@ class ZptrLlama:
         settings = settings or SamplingSettings(**sampling)
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(tokens)
+        self.check_settings(settings)
         self.finish_reason = FINISH_LENGTH
         if settings.max_tokens == 0:
             return

@@ -231,3 +231,15 @@ def test_request_scoped_mode_and_origin(fast, exact, tmp_path):
     with pytest.raises(OmegaModeError, match="not one of"):
         with fast.request(omega="auto"):
             pass
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(fast):
+    """A bias for a token id the model does not have is a ConfigError naming the id, before any
+    decoding (NumPy would index past the logits, or wrap -1 around to the last token)."""
+    from zptr.errors import ConfigError
+
+    prompt = fast.tokenize("Hello")
+    for token in (49152, -1):
+        with pytest.raises(ConfigError, match=f"logit_bias token id {token} is outside the vocabulary"):
+            list(fast.stream(prompt, max_tokens=2, logit_bias={token: 1.0}))
+    assert len(fast.generate(prompt, 2, logit_bias={49151: -1.0}).tokens) == 2

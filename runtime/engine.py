@@ -397,6 +397,15 @@ class ZptrLlama:
     def create_chat_completion(self, messages: list[dict], **kwargs: Any):
         return self.llm.create_chat_completion(messages, **self._with_processor(kwargs))
 
+    def reset(self) -> None:
+        """Forget the context: the next prompt is decoded from scratch. llama.cpp's logits of a
+        prompt decoded in one batch differ (by up to ~1 logit on the bundled Q4 SmolLM2) from
+        those of a reused prefix plus a suffix decoded apart, which can flip a greedy choice; a
+        reset before each request makes its answer depend on that request alone."""
+        self.llm.reset()
+        if self.has_omega:
+            self.track.filled = 0
+
     # ---------------------------------------------------------------- token loops
     def _reuse_prefix(self, tokens: list[int]) -> list[int]:
         """Keep the KV cache (and Omega states) of the longest prefix shared with the last

@@ -127,6 +127,19 @@ def test_prefix_reuse_keeps_omega_state(model):
     assert reused.tokens == fresh.tokens and reused.routes == fresh.routes
 
 
+def test_reset_makes_an_answer_independent_of_the_previous_request(model):
+    """After reset() a prompt decodes from scratch: the same tokens and routes as a fresh engine,
+    whatever the context held (here a request whose prompt shares the chat template's prefix)."""
+    llm = ZptrLlama(model, omega="fast", n_ctx=512)
+    prompt = llm.chat_tokens([{"role": "user", "content": "Name a colour."}])
+    fresh = llm.generate(prompt, 12)
+    llm.generate(llm.chat_tokens([{"role": "user", "content": "Who wrote Hamlet?"}]), 8)
+    llm.reset()
+    assert llm.llm.n_tokens == 0 and llm.track.filled == 0
+    again = llm.generate(prompt, 12)
+    assert (again.tokens, again.routes) == (fresh.tokens, fresh.routes)
+
+
 def test_sidecar_of_another_model_or_size_is_refused(model, tmp_path):
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF not really a model")

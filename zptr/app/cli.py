@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("zptr.app.convert", "checkpoint or HF model -> GGUF (soul folded) + Omega sidecar"),
     "quantize": ("zptr.app.quantize", "re-quantize a GGUF to any llama.cpp type"),
     "run": ("zptr.app.run", "generate with a GGUF on llama.cpp, Omega routing on top"),
+    "serve": ("zptr.app.serve", "OpenAI-compatible HTTP server with Omega routing and a chat page"),
     "bench": ("zptr.app.bench", "tokens/s and quality: PyTorch path vs llama.cpp path"),
     "inspect": ("zptr.app.inspect", "describe a checkpoint or a GGUF file"),
     "demo": ("zptr.app.demo", "the whole pipeline on the bundled SmolLM2-135M"),

@@ -83,6 +83,7 @@ def setup(smollm2_omega, tmp_path_factory):
         for s in started:
             errors = s.stop()
             assert "Traceback" not in errors, errors
+            assert s.process.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in errors, errors
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +356,34 @@ def test_a_full_queue_answers_503_with_retry_after(locked_server, end_of_generat
     assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 1
 
 
+# ------------------------------------------------------------------------------ command line
+
+
+def test_cli_refuses_bad_flags_and_a_taken_port_in_one_line(smollm2_omega, capsys):
+    import socket
+
+    from zptr.app.cli import main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        for argv, message in [(["--queue", "-1"], "--queue must be 0 or more"),
+                              (["--port", "70000"], "--port must lie in 0..65535"),
+                              (["--api-key", " "], "--api-key is empty"),
+                              (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                              (["--port", "0", "--omega", "exact", "--sidecar", "/nonexistent.omega.gguf"],
+                               "no Omega sidecar")]:
+            assert main(["serve", str(smollm2_omega), *argv]) == 1
+            err = capsys.readouterr().err
+            assert err.startswith("zptr serve: error: ") and message in err and err.count("\n") == 1, err
+        assert main(["serve", "/nonexistent.gguf", "--port", "0"]) == 1
+        assert "no such model file" in capsys.readouterr().err
+    finally:
+        taken.close()
+
+
 # ------------------------------------------------------------------------------ the chat page
 
 
@@ -380,7 +409,7 @@ def browser(tmp_path):
     driver.quit()
 
 
-def test_chat_page_streams_route_coloured_tokens(server, browser):
+def test_chat_page_streams_route_coloured_tokens(browser, server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 

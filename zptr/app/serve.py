@@ -49,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one more gets 503 with Retry-After")
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so a taken port is one clear error line."""
+def _bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a taken port is one clear error line
+    at once (it listens once the model is ready, so no client waits on a loading server)."""
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must lie in 0..65535, got {port}")
     try:
@@ -65,8 +66,6 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         raise ZptrError(f"cannot listen on {host}:{port}: {err.strerror}") from None
-    sock.listen(128)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -82,27 +81,29 @@ def main(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key is empty")
     n_threads = threads(args.threads)
-    llm = ZptrLlama(args.model, omega=args.omega, sidecar=args.sidecar, origin=args.origin,
-                    n_ctx=args.ctx_size, n_threads=n_threads, n_threads_batch=n_threads,
-                    n_gpu_layers=args.n_gpu_layers)
+    sock = _bind(args.host, args.port)
     try:
-        name = args.alias or Path(args.model).name.removesuffix(".gguf")
-        app = create_app(llm, model_name=name, api_key=args.api_key, queue_size=args.queue,
-                         cache_prompt=args.cache_prompt)
-        sock = _listen(args.host, args.port)
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        print(f"zptr serve: http://{shown}:{port}/ (model {name}, omega {llm.mode}, context "
-              f"{llm.n_ctx} tokens, queue {args.queue}{', API key required' if args.api_key else ''})",
-              flush=True)
-        config = uvicorn.Config(app, log_level="info" if args.verbose else "warning",
-                                access_log=args.verbose, timeout_graceful_shutdown=5)
+        llm = ZptrLlama(args.model, omega=args.omega, sidecar=args.sidecar, origin=args.origin,
+                        n_ctx=args.ctx_size, n_threads=n_threads, n_threads_batch=n_threads,
+                        n_gpu_layers=args.n_gpu_layers)
         try:
-            uvicorn.Server(config).run(sockets=[sock])
-        except Interrupted as err:  # uvicorn re-raises the signal after its graceful shutdown
-            raise Interrupted(err.signum, f"stopped by {signal.Signals(err.signum).name}") from None
+            name = args.alias or Path(args.model).name.removesuffix(".gguf")
+            app = create_app(llm, model_name=name, api_key=args.api_key, queue_size=args.queue,
+                             cache_prompt=args.cache_prompt)
+            sock.listen(128)
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            print(f"zptr serve: http://{shown}:{port}/ (model {name}, omega {llm.mode}, context "
+                  f"{llm.n_ctx} tokens, queue {args.queue}"
+                  f"{', API key required' if args.api_key else ''})", flush=True)
+            config = uvicorn.Config(app, log_level="info" if args.verbose else "warning",
+                                    access_log=args.verbose, timeout_graceful_shutdown=5)
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            except Interrupted as err:  # uvicorn raises the signal again after its graceful shutdown
+                raise Interrupted(err.signum, f"stopped by {signal.Signals(err.signum).name}") from None
         finally:
-            sock.close()
+            llm.close()
     finally:
-        llm.close()
+        sock.close()
     return 0

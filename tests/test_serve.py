@@ -133,12 +133,15 @@ def chat(client, content: str, max_tokens: int = 16, stream: bool = False, **ext
     return text, routes or None, usage, finish
 
 
-def metric(url: str, name: str, headers=None) -> float:
-    text = httpx.get(f"{url}/metrics", headers=headers).text
+def metric(url: str, name: str, **labels: str) -> float:
+    """A sample of /metrics (0 for a labelled counter not yet counted)."""
+    text = httpx.get(f"{url}/metrics").text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name:
+            if sample.name == name and sample.labels == labels:
                 return sample.value
+    if labels:
+        return 0.0
     raise AssertionError(f"{name} not in /metrics")
 
 
@@ -219,21 +222,38 @@ def test_four_concurrent_requests_equal_the_sequential_answers(client):
 
 
 def test_a_client_that_disconnects_frees_the_model(server, client, end_of_generation):
-    """The abandoned stream stops generating at once: the next request is answered correctly and
-    the abandoned one generated far fewer than its 900 tokens."""
+    """A dropped stream, a plain request whose client gives up, and a request that gives up while
+    it waits: the running ones stop generating at once, the waiting one leaves the queue, and the
+    next request is answered correctly; the abandoned ones generated far fewer than 900 tokens."""
     expected = chat(client, "Name a colour.", 8)
     tokens_before = metric(server, "zptr_completion_tokens_total")
     cancelled_before = metric(server, "zptr_cancelled_generations_total")
+    closed = dict(endpoint="/v1/chat/completions", status="499")  # answered to nobody
+    closed_before = metric(server, "zptr_requests_total", **closed)
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 900,
-            "temperature": 0, "stream": True, "logit_bias": end_of_generation}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as response:
+            "temperature": 0, "logit_bias": end_of_generation}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True},
+                      timeout=60) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         assert sum(1 for _, line in zip(range(10), lines) if line.startswith("data: ")) >= 4
+        # Meanwhile a second stream queues behind it and its client gives up before it starts.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server}/v1/chat/completions", json={**body, "stream": True},
+                       timeout=httpx.Timeout(30, read=0.5))
+        for _ in range(200):
+            if httpx.get(f"{server}/health").json()["queue_depth"] == 0:
+                break
+            time.sleep(0.05)
+        health = httpx.get(f"{server}/health").json()
+        assert health["busy"] and health["queue_depth"] == 0  # the first still runs, none waits
+    with pytest.raises(httpx.ReadTimeout):  # a plain request whose client stops waiting
+        httpx.post(f"{server}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
     assert chat(client, "Name a colour.", 8) == expected
-    assert metric(server, "zptr_cancelled_generations_total") == cancelled_before + 1
+    assert metric(server, "zptr_cancelled_generations_total") == cancelled_before + 2
+    assert metric(server, "zptr_requests_total", **closed) == closed_before + 1  # its handler ended
     generated = metric(server, "zptr_completion_tokens_total") - tokens_before - expected[2]
-    assert generated < 450, f"the abandoned stream generated {generated} tokens"
+    assert generated < 900, f"the two abandoned requests generated {generated} tokens"
 
 
 BAD_REQUESTS = [

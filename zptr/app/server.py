@@ -61,7 +61,7 @@ class ApiError(Exception):
     """An answer in OpenAI's error shape."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 503: "unavailable_error"}
+             405: "invalid_request_error", 499: "client_closed_request", 503: "unavailable_error"}
 
     def __init__(self, status: int, message: str, param: Optional[str] = None,
                  code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
@@ -266,9 +266,13 @@ class ModelWorker:
         its next token."""
         job.cancelled.set()
         with self._lock:
-            if job.state == "waiting":
-                job.state = "dropped"
-                self.waiting -= 1
+            if job.state != "waiting":
+                return
+            job.state = "dropped"
+            self.waiting -= 1
+        # Its handler waits for a first event that the model thread will never send.
+        job.emit("error", ApiError(499, "the client closed the request while it waited",
+                                   code="client_closed_request"))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running job and end the thread (server shutdown)."""

@@ -36,7 +36,8 @@ from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -472,6 +473,7 @@ def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = N
     if queue_size < 0:
         raise ConfigError(f"--queue must be 0 or more, got {queue_size}")
     metrics = Metrics(engine)
+    n_ctx = engine.n_ctx
     state: dict[str, Any] = {}
     created = int(time.time())
     page = resources.files("zptr.app").joinpath("static/chat.html").read_text(encoding="utf-8")
@@ -514,7 +516,7 @@ def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = N
     def settings_of(body: _Generation, max_tokens: Optional[int]) -> SamplingSettings:
         given = {name: getattr(body, name) for name in SAMPLING_FIELDS if getattr(body, name) is not None}
         # No max_tokens: up to the end of the context (as OpenAI and llama-server).
-        given["max_tokens"] = engine.n_ctx if max_tokens is None else max_tokens
+        given["max_tokens"] = n_ctx if max_tokens is None else max_tokens
         try:
             return SamplingSettings(**given)
         except ConfigError as err:
@@ -641,14 +643,14 @@ def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = N
     async def models():
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": created, "owned_by": "zptr",
-            "meta": {"n_ctx": engine.n_ctx, "omega": engine.mode_at_load, "omega_available": engine.has_omega,
+            "meta": {"n_ctx": n_ctx, "omega": engine.mode_at_load, "omega_available": engine.has_omega,
                      "chat_template": engine.chat_template is not None}}]}
 
     @app.get("/health")
     async def health():
         worker: Optional[ModelWorker] = state.get("worker")
         return {"status": "ok", "model": model_name, "omega": engine.mode_at_load,
-                "omega_available": engine.has_omega, "routes": list(CLUSTERS), "n_ctx": engine.n_ctx,
+                "omega_available": engine.has_omega, "routes": list(CLUSTERS), "n_ctx": n_ctx,
                 "busy": bool(worker and worker.busy), "queue_depth": worker.waiting if worker else 0,
                 "queue_size": queue_size, "api_key": api_key is not None}
 

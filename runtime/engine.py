@@ -466,8 +466,9 @@ class ZptrLlama:
                      processor: OmegaLogitsProcessor) -> Iterator[int]:
         """llama-cpp-python's generator with Omega (and the logit bias) as its logits processor."""
         llm = self.llm
-        if settings.seed is not None:
-            llm.set_seed(settings.seed)
+        # No seed: llama.cpp draws a fresh one (LLAMA_DEFAULT_SEED), rather than reusing the last
+        # request's seed that llama-cpp-python keeps (one request's seed would fix the next's draws).
+        llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if settings.seed is None else settings.seed)
         processors = llama_cpp.LogitsProcessorList([processor])
         generator = llm.generate(tokens, top_k=settings.top_k, top_p=settings.top_p,
                                  min_p=settings.min_p, temp=settings.temperature,

@@ -256,3 +256,14 @@ def test_logit_bias_outside_the_vocabulary_is_refused(fast):
         with pytest.raises(ConfigError, match=f"logit_bias token id {token} is outside the vocabulary"):
             list(fast.stream(prompt, max_tokens=2, logit_bias={token: 1.0}))
     assert len(fast.generate(prompt, 2, logit_bias={49151: -1.0}).tokens) == 2
+
+
+def test_a_seed_does_not_carry_over_to_the_next_unseeded_request(fast):
+    """llama-cpp-python keeps the last seed set; without a seed of its own a request must draw a
+    fresh one, not replay the previous request's draws."""
+    prompt = fast.tokenize("Once upon a time")
+    kwargs = dict(max_tokens=16, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+    seeded = fast.generate(prompt, seed=3, **kwargs).tokens
+    assert fast.generate(prompt, seed=3, **kwargs).tokens == seeded  # a seed still reproduces
+    unseeded = [fast.generate(prompt, **kwargs).tokens for _ in range(3)]
+    assert any(tokens != seeded for tokens in unseeded)

@@ -207,6 +207,14 @@ def test_request_omega_mode_and_origin(client):
     assert len(other[1]) == other[2]
 
 
+def test_a_seed_reproduces_a_sampled_answer_whatever_ran_between(client):
+    kwargs = dict(model="smol", prompt="Once upon a time", max_tokens=8, temperature=0.9)
+    first = client.completions.create(**kwargs, seed=7).choices[0]
+    client.completions.create(**kwargs)  # unseeded, in between
+    again = client.completions.create(**kwargs, seed=7).choices[0]
+    assert (again.text, again.routes) == (first.text, first.routes)
+
+
 def test_four_concurrent_requests_equal_the_sequential_answers(client):
     """Mixed modes, origins and streaming: nothing of one request leaks into another."""
     requests = [("Who wrote Hamlet?", {}), ("Write a haiku about the sea.", {"omega": "exact"}),

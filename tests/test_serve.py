@@ -80,10 +80,10 @@ def setup(smollm2_omega, tmp_path_factory):
     finally:
         if llm is not None:
             llm.close()
-        for s in started:
-            errors = s.stop()
+        stopped = [(s.stop(), s.process.returncode) for s in started]  # every one, then the checks
+        for errors, code in stopped:
             assert "Traceback" not in errors, errors
-            assert s.process.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in errors, errors
+            assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in errors, errors
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import llama_cpp
 import numpy as np
@@ -350,9 +350,18 @@ class ZptrLlama:
         if len(tokens) + int(generating) > self.n_ctx:
             raise ConfigError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx} "
                               "(raise -c/--ctx-size or shorten the prompt)")
-        bad = [t for t in tokens if not 0 <= t < self.llm.n_vocab()]
+        self._check_in_vocab("token id", tokens)
+
+    def check_settings(self, settings: SamplingSettings) -> None:
+        """Refuse a logit bias of a token outside the vocabulary (NumPy would index past the
+        logits, or wrap a negative id around to the vocabulary's end)."""
+        self._check_in_vocab("logit_bias token id", settings.logit_bias)
+
+    def _check_in_vocab(self, what: str, tokens: Iterable[int]) -> None:
+        n_vocab = self.llm.n_vocab()
+        bad = [token for token in tokens if not 0 <= token < n_vocab]
         if bad:
-            raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{self.llm.n_vocab() - 1})")
+            raise ConfigError(f"{what} {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
 
     def is_end(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, end-of-turn, ... as the vocabulary says)."""
@@ -388,6 +397,15 @@ class ZptrLlama:
 
     def create_chat_completion(self, messages: list[dict], **kwargs: Any):
         return self.llm.create_chat_completion(messages, **self._with_processor(kwargs))
+
+    def reset(self) -> None:
+        """Forget the context: the next prompt is decoded from scratch. llama.cpp's logits of a
+        prompt decoded in one batch differ (by up to ~1 logit on the bundled Q4 SmolLM2) from
+        those of a reused prefix plus a suffix decoded apart, which can flip a greedy choice; a
+        reset before each request makes its answer depend on that request alone."""
+        self.llm.reset()
+        if self.has_omega:
+            self.track.filled = 0
 
     # ---------------------------------------------------------------- token loops
     def _reuse_prefix(self, tokens: list[int]) -> list[int]:
@@ -449,8 +467,9 @@ class ZptrLlama:
                      processor: OmegaLogitsProcessor) -> Iterator[int]:
         """llama-cpp-python's generator with Omega (and the logit bias) as its logits processor."""
         llm = self.llm
-        if settings.seed is not None:
-            llm.set_seed(settings.seed)
+        # No seed: llama.cpp draws a fresh one (LLAMA_DEFAULT_SEED), rather than reusing the last
+        # request's seed that llama-cpp-python keeps (one request's seed would fix the next's draws).
+        llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if settings.seed is None else settings.seed)
         processors = llama_cpp.LogitsProcessorList([processor])
         generator = llm.generate(tokens, top_k=settings.top_k, top_p=settings.top_p,
                                  min_p=settings.min_p, temp=settings.temperature,
@@ -477,6 +496,7 @@ class ZptrLlama:
         settings = settings or SamplingSettings(**sampling)
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(tokens)
+        self.check_settings(settings)
         self.finish_reason = FINISH_LENGTH
         if settings.max_tokens == 0:
             return

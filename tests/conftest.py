@@ -29,3 +29,11 @@ def smollm2_tokenizer():
 def tiny_lm(request):
     """A tiny random model of each supported architecture."""
     return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2_omega(tmp_path_factory):
+    """The bundled SmolLM2 GGUF (a link) with a random router's Omega sidecar next to it."""
+    from omega_fixtures import smollm2_with_sidecar
+
+    return smollm2_with_sidecar(tmp_path_factory.mktemp("smollm2-omega"))

@@ -86,7 +86,8 @@ def test_the_wheel_installs_only_the_zptr_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"zptr", wheel.name.split("-py3")[0] + ".dist-info"}
     for expected in ("zptr/convert/pipeline.py", "zptr/runtime/engine.py", "zptr/app/cli.py",
-                     "zptr/formats/gguf.py", "zptr/data/sample_corpus.jsonl", "zptr/data/mixed_text.txt"):
+                     "zptr/formats/gguf.py", "zptr/data/sample_corpus.jsonl", "zptr/data/mixed_text.txt",
+                     "zptr/app/static/chat.html"):
         assert expected in names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
 

@@ -5,38 +5,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from omega_fixtures import omega_tensors
 
 from zptr.formats.sidecar import SidecarError, sidecar_path_for, write_sidecar
 from zptr.runtime.engine import OmegaModeError, ZptrLlama
 from zptr.errors import ModelLoadError
-from zptr.checkpoint import head_tensors
-from zptr.config import ZptrConfig
-from zptr.head import ZptrHead
 from zptr.models import smollm2_gguf_path
 from zptr.testing import SAMPLE_PROMPTS as PROMPTS
 
 
-def omega_tensors(hidden: int, gate: float, seed: int = 0):
-    """A random router (PyTorch's init: SmolLM2's h is large enough that the routes vary):
-    (tensors, Omega config, hidden size), the sidecar writer's arguments."""
-    torch.manual_seed(seed)
-    config = ZptrConfig(hidden_size=hidden)
-    head = ZptrHead(config)
-    with torch.no_grad():
-        head.omega.gate.fill_(gate)
-    return {k: v for k, v in head_tensors(head).items() if k.startswith("omega.")}, config.omega, hidden
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """The bundled GGUF linked into a temp dir, with its sidecar next to it (sigma(omega) = 0.047:
-    large enough to change greedy output, small enough for the fast certificate)."""
-    directory = tmp_path_factory.mktemp("runtime")
-    link = directory / "smol.gguf"
-    link.symlink_to(smollm2_gguf_path())
-    write_sidecar(sidecar_path_for(link), *omega_tensors(576, -3.0), link)
-    return link
+def model(smollm2_omega) -> Path:
+    return smollm2_omega
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +127,19 @@ def test_prefix_reuse_keeps_omega_state(model):
     assert reused.tokens == fresh.tokens and reused.routes == fresh.routes
 
 
+def test_reset_makes_an_answer_independent_of_the_previous_request(model):
+    """After reset() a prompt decodes from scratch: the same tokens and routes as a fresh engine,
+    whatever the context held (here a request whose prompt shares the chat template's prefix)."""
+    llm = ZptrLlama(model, omega="fast", n_ctx=512)
+    prompt = llm.chat_tokens([{"role": "user", "content": "Name a colour."}])
+    fresh = llm.generate(prompt, 12)
+    llm.generate(llm.chat_tokens([{"role": "user", "content": "Who wrote Hamlet?"}]), 8)
+    llm.reset()
+    assert llm.llm.n_tokens == 0 and llm.track.filled == 0
+    again = llm.generate(prompt, 12)
+    assert (again.tokens, again.routes) == (fresh.tokens, fresh.routes)
+
+
 def test_sidecar_of_another_model_or_size_is_refused(model, tmp_path):
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF not really a model")
@@ -251,3 +244,26 @@ def test_request_scoped_mode_and_origin(fast, exact, tmp_path):
     with pytest.raises(OmegaModeError, match="not one of"):
         with fast.request(omega="auto"):
             pass
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(fast):
+    """A bias for a token id the model does not have is a ConfigError naming the id, before any
+    decoding (NumPy would index past the logits, or wrap -1 around to the last token)."""
+    from zptr.errors import ConfigError
+
+    prompt = fast.tokenize("Hello")
+    for token in (49152, -1):
+        with pytest.raises(ConfigError, match=f"logit_bias token id {token} is outside the vocabulary"):
+            list(fast.stream(prompt, max_tokens=2, logit_bias={token: 1.0}))
+    assert len(fast.generate(prompt, 2, logit_bias={49151: -1.0}).tokens) == 2
+
+
+def test_a_seed_does_not_carry_over_to_the_next_unseeded_request(fast):
+    """llama-cpp-python keeps the last seed set; without a seed of its own a request must draw a
+    fresh one, not replay the previous request's draws."""
+    prompt = fast.tokenize("Once upon a time")
+    kwargs = dict(max_tokens=16, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+    seeded = fast.generate(prompt, seed=3, **kwargs).tokens
+    assert fast.generate(prompt, seed=3, **kwargs).tokens == seeded  # a seed still reproduces
+    unseeded = [fast.generate(prompt, **kwargs).tokens for _ in range(3)]
+    assert any(tokens != seeded for tokens in unseeded)

@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "imatrix": ("zptr.app.imatrix", "importance matrix for llama.cpp's quantizer from calibration text"),
     "eval": ("zptr.app.eval", "perplexity and KL divergence of a GGUF against a base model"),
     "run": ("zptr.app.run", "generate with a GGUF on llama.cpp, Omega routing on top"),
+    "serve": ("zptr.app.serve", "OpenAI-compatible HTTP server with Omega routing and a chat page"),
     "bench": ("zptr.app.bench", "tokens/s and quality: PyTorch path vs llama.cpp path"),
     "inspect": ("zptr.app.inspect", "describe a checkpoint or a GGUF file"),
     "demo": ("zptr.app.demo", "the whole pipeline on the bundled SmolLM2-135M"),

@@ -1,0 +1,109 @@
+"""``zptr serve MODEL.gguf``: an OpenAI-compatible HTTP server with Omega routing (flags as
+llama-server: ``--host``, ``--port`` 8080, ``-c``, ``-t``, ``-ngl``, ``--api-key``, ``-a/--alias``).
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus) and the chat page at ``/``. One request runs at a
+time; ``--queue N`` more may wait (beyond that: 503 with Retry-After). ``--port 0`` picks a free
+port; the line printed at start-up names the address actually bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+from pathlib import Path
+
+from ..errors import ConfigError, Interrupted, ZptrError
+from ..runtime.engine import OMEGA_MODES, ZptrLlama
+from .args import add_threads, threads
+
+DEFAULT_QUEUE = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="GGUF model file (its Omega sidecar X.omega.gguf next to it)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
+    parser.add_argument("-a", "--alias", default=None,
+                        help="the model's name in the API (default: the file name without .gguf)")
+    parser.add_argument("--omega", choices=OMEGA_MODES, default="auto",
+                        help="default Omega mode: auto (fast when a sidecar pairs), off, exact, fast; "
+                             "a request may choose off | exact | fast unless the server runs off")
+    parser.add_argument("--sidecar", default=None, help="Omega sidecar (default: X.omega.gguf)")
+    parser.add_argument("--origin", default=None,
+                        help="default origin text (a request's own 'origin' replaces it)")
+    parser.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
+    add_threads(parser)
+    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU")
+    parser.add_argument("--api-key", default=os.environ.get("ZPTR_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* and /metrics "
+                             "(default: $ZPTR_API_KEY; none: open)")
+    parser.add_argument("--cache-prompt", action="store_true",
+                        help="reuse the KV cache of the prefix a prompt shares with the last request "
+                             "(faster long chats; a greedy answer may then depend on the requests before "
+                             "it by a flipped near-tie); default: every request decodes from scratch")
+    parser.add_argument("--queue", type=int, default=DEFAULT_QUEUE, metavar="N",
+                        help=f"requests that may wait for the model (default {DEFAULT_QUEUE}); "
+                             "one more gets 503 with Retry-After")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a taken port is one clear error line
+    at once (it listens once the model is ready, so no client waits on a loading server)."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must lie in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ConfigError(f"--host {host}: {err.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ZptrError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    return sock
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server import create_app
+
+    if args.n_gpu_layers < -1:
+        raise ConfigError(f"-ngl must be -1 (all) or more, got {args.n_gpu_layers}")
+    if args.queue < 0:
+        raise ConfigError(f"--queue must be 0 or more, got {args.queue}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ConfigError("--api-key is empty")
+    n_threads = threads(args.threads)
+    sock = _bind(args.host, args.port)
+    try:
+        llm = ZptrLlama(args.model, omega=args.omega, sidecar=args.sidecar, origin=args.origin,
+                        n_ctx=args.ctx_size, n_threads=n_threads, n_threads_batch=n_threads,
+                        n_gpu_layers=args.n_gpu_layers)
+        try:
+            name = args.alias or Path(args.model).name.removesuffix(".gguf")
+            app = create_app(llm, model_name=name, api_key=args.api_key, queue_size=args.queue,
+                             cache_prompt=args.cache_prompt)
+            sock.listen(128)
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            print(f"zptr serve: http://{shown}:{port}/ (model {name}, omega {llm.mode}, context "
+                  f"{llm.n_ctx} tokens, queue {args.queue}"
+                  f"{', API key required' if args.api_key else ''})", flush=True)
+            config = uvicorn.Config(app, log_level="info" if args.verbose else "warning",
+                                    access_log=args.verbose, timeout_graceful_shutdown=5)
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            except Interrupted as err:  # uvicorn raises the signal again after its graceful shutdown
+                raise Interrupted(err.signum, f"stopped by {signal.Signals(err.signum).name}") from None
+        finally:
+            llm.close()
+    finally:
+        sock.close()
+    return 0

@@ -1,0 +1,668 @@
+"""The HTTP application of ``zptr serve``: OpenAI's chat and completion endpoints on one
+:class:`~zptr.runtime.engine.ZptrLlama`, Omega routes on every generated token, a chat page.
+
+    app = create_app(ZptrLlama("model.gguf"), model_name="model", api_key=None, queue_size=16)
+
+One model, one request at a time. The engine is not thread-safe and its Omega state belongs to
+the request that runs, so every request becomes a :class:`Job` for the single model thread of a
+:class:`ModelWorker`: a bounded FIFO (``queue_size`` may wait; one more gets 503 with
+Retry-After). Everything that touches the engine — chat template, tokenizer, the request's Omega
+mode and origin, generation — runs on that thread; it hands events (start, token, end, error) to
+the request's asyncio queue. A client that goes away cancels its job: a waiting job leaves the
+queue, a running one stops before its next token and the next request starts.
+
+OpenAI's shapes, plus ZPTR's fields: requests may carry ``omega`` (off | exact | fast) and
+``origin`` (text), and llama-server's ``top_k``, ``min_p``, ``repeat_penalty``; every choice
+carries ``routes`` (one route name per generated token; null with Omega off) and every streamed
+chunk's ``delta`` (``choices[0]`` for completions) a ``route`` (null on the chunks that carry no
+token). Ranges are checked by :class:`~zptr.runtime.sampling.SamplingSettings`, JSON types by
+strict pydantic models; every error is OpenAI's ``{"error": {message, type, param, code}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import CLUSTERS
+from ..errors import ConfigError, OmegaModeError, ZptrError
+from ..runtime.engine import FINISH_STOP, ZptrLlama
+from ..runtime.sampling import SamplingSettings, StopFilter
+
+log = logging.getLogger("zptr.serve")
+
+RETRY_AFTER_S = 1
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                   "presence_penalty", "frequency_penalty", "seed", "stop", "logit_bias")
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             405: "invalid_request_error", 499: "client_closed_request", 503: "unavailable_error"}
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _param_of(message: str, fields: tuple[str, ...] = SAMPLING_FIELDS) -> Optional[str]:
+    """The request field a ZPTR error message starts with (SamplingSettings names its field)."""
+    head = message.split(" ", 1)[0]
+    return head if head in fields else None
+
+
+def _loc(loc: tuple) -> str:
+    """pydantic's error location as a field path (``messages[0].content``), union tags dropped."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none"):
+            continue  # which member of a Union pydantic tried
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+# ------------------------------------------------------------------------------ request bodies
+
+
+class _Strict(BaseModel):
+    # Strict: a string is not a number, a number not a string (OpenAI refuses both); fields
+    # OpenAI's clients send that ZPTR does not use (user, metadata, ...) are ignored.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Generation(_Strict):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+    repeat_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    logit_bias: Optional[dict[str, float]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: int = 1
+    logprobs: Any = None
+    omega: Optional[Literal["off", "exact", "fast"]] = None
+    origin: Optional[str] = None
+
+    def unsupported(self) -> Optional[str]:
+        """The first field asking for something ZPTR does not do (refused, not ignored)."""
+        if self.n != 1:
+            return "n"
+        if self.logprobs not in (None, False):
+            return "logprobs"
+        return None
+
+
+class ContentPart(_Strict):
+    type: str
+    text: Optional[str] = None
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+
+    def as_template_input(self, index: int) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            for number, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    param = f"messages[{index}].content[{number}]"
+                    raise ApiError(400, f"{param}: only text parts are supported (got type {part.type!r})",
+                                   param=param)
+            content = "".join(part.text for part in content)
+        # OpenAI's "developer" is the system prompt of newer models.
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ChatRequest(_Generation):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    tools: Optional[list] = None
+    response_format: Optional[dict] = None
+
+    def unsupported(self) -> Optional[str]:
+        if self.tools:
+            return "tools"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        return super().unsupported()
+
+
+class CompletionRequest(_Generation):
+    prompt: Union[str, list[int], list[str]]
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    def unsupported(self) -> Optional[str]:
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if self.best_of not in (None, 1):
+            return "best_of"
+        return super().unsupported()
+
+
+async def _parse(request: Request, model: type[_Generation]) -> _Generation:
+    """The request's JSON body as ``model`` (whatever its Content-Type: curl -d sends a form's)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        body = model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        param = _loc(first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+    field_name = body.unsupported()
+    if field_name:
+        raise ApiError(400, f"{field_name} is not supported by zptr serve", param=field_name)
+    return body
+
+
+# ------------------------------------------------------------------------------ the model thread
+
+
+@dataclass
+class Job:
+    """One request for the model thread; its events come back through ``events``."""
+
+    prompt: Callable[[ZptrLlama], list[int]]  # builds the prompt's tokens (on the model thread)
+    prompt_param: str  # the request field the prompt came from, for errors
+    settings: SamplingSettings
+    omega: Optional[str]
+    origin: Optional[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
+    state: str = "new"  # new | waiting | running | done | dropped
+
+    def emit(self, *event: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class ModelWorker:
+    """The single model thread and its bounded FIFO of waiting jobs."""
+
+    def __init__(self, engine: ZptrLlama, queue_size: int, metrics: "Metrics", cache_prompt: bool = False):
+        self.engine, self.queue_size, self.metrics = engine, queue_size, metrics
+        self.cache_prompt = cache_prompt
+        self._jobs: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.running: Optional[Job] = None
+        self._thread = threading.Thread(target=self._loop, name="zptr-model", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self.running is not None
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``, or refuse it with 503 when ``queue_size`` jobs already wait."""
+        with self._lock:
+            if self.waiting + (self.running is not None) > self.queue_size:
+                raise ApiError(503, f"the server is busy: {self.waiting} requests are waiting for the "
+                               f"model (--queue {self.queue_size}); retry later", code="queue_full",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
+            self.waiting += 1
+            job.state = "waiting"
+        self._jobs.put(job)
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: a waiting job leaves the queue now, a running one stops before
+        its next token."""
+        job.cancelled.set()
+        with self._lock:
+            if job.state != "waiting":
+                return
+            job.state = "dropped"
+            self.waiting -= 1
+        # Its handler waits for a first event that the model thread will never send.
+        job.emit("error", ApiError(499, "the client closed the request while it waited",
+                                   code="client_closed_request"))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running job and end the thread (server shutdown)."""
+        with self._lock:
+            if self.running is not None:
+                self.running.cancelled.set()
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._lock:
+                if job.state != "waiting":
+                    continue  # cancelled while it waited
+                job.state = "running"
+                self.waiting -= 1
+                self.running = job
+            try:
+                self._run(job)
+            except ApiError as err:
+                job.emit("error", err)
+            except ZptrError as err:  # bad input found while generating
+                job.emit("error", ApiError(400, str(err), param=_param_of(str(err))))
+            except Exception as err:  # a bug: logged here, one line to the client, thread lives on
+                log.exception("zptr serve: internal error in a generation")
+                job.emit("error", ApiError(500, f"internal error (a bug): {type(err).__name__}: "
+                                           f"{str(err).splitlines()[0] if str(err) else ''}"))
+            finally:
+                with self._lock:
+                    job.state = "done"
+                    self.running = None
+
+    def _run(self, job: Job) -> None:
+        engine, settings, metrics = self.engine, job.settings, self.metrics
+        with contextlib.ExitStack() as scope:
+            try:
+                scope.enter_context(engine.request(omega=job.omega, origin=job.origin))
+            except OmegaModeError as err:
+                raise ApiError(400, str(err), param="omega" if job.omega else "origin") from None
+            except ConfigError as err:  # the origin text does not fit the context, ...
+                raise ApiError(400, f"origin: {err}", param="origin") from None
+            tokens = self._prompt(job)
+            if not self.cache_prompt:
+                engine.reset()  # the answer depends on this request alone, not on the last one
+            stats = engine.stats
+            before = (stats.certified, stats.fallback)
+            job.emit("start", len(tokens), engine.mode)
+            stop = StopFilter(settings.stop)
+            count, finish, first_at = 0, None, None
+            stream = engine.stream(tokens, settings)
+            try:
+                for token in stream:
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                        metrics.first_token.observe(first_at - job.arrived)
+                    count += 1
+                    metrics.completion_tokens.inc()
+                    job.emit("token", stop.feed(token.piece),
+                             None if token.route is None else CLUSTERS[token.route])
+                    if stop.stopped:
+                        finish = FINISH_STOP
+                        break
+                    if job.cancelled.is_set():
+                        finish = "cancelled"
+                        break
+            finally:
+                stream.close()
+            end = time.perf_counter()
+            if finish == "cancelled":
+                metrics.cancelled.inc()
+            # llama.cpp's "context" (the context filled up) is OpenAI's "length".
+            finish = finish or ("stop" if engine.finish_reason == FINISH_STOP else "length")
+            if count > 1:
+                metrics.decode_tps.set((count - 1) / (end - first_at))
+            omega = {"mode": engine.mode}
+            if engine.mode == "fast":
+                omega.update(certified=stats.certified - before[0], fallback=stats.fallback - before[1])
+            job.emit("end", finish, "" if stop.stopped else stop.flush(),
+                     {"completion_tokens": count, "omega": omega})
+
+    def _prompt(self, job: Job) -> list[int]:
+        """The request's prompt tokens, checked against the context and vocabulary."""
+        engine = self.engine
+        try:
+            tokens = job.prompt(engine)
+            engine.check_prompt(tokens)
+        except ConfigError as err:
+            raise ApiError(400, str(err), param=job.prompt_param) from None
+        try:
+            engine.check_settings(job.settings)
+        except ConfigError as err:
+            raise ApiError(400, str(err), param=_param_of(str(err))) from None
+        self.metrics.prompt_tokens.inc(len(tokens))
+        return tokens
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+class _OmegaCollector:
+    """Omega fast's certificate counts, read from the engine at each scrape."""
+
+    def __init__(self, engine: ZptrLlama):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats
+        certified = CounterMetricFamily("zptr_omega_certified_tokens",
+                                        "Omega-fast tokens decided by the norm bound alone")
+        certified.add_metric([], stats.certified)
+        fallback = CounterMetricFamily("zptr_omega_fallback_tokens",
+                                       "Omega-fast tokens that needed the full correction")
+        fallback.add_metric([], stats.fallback)
+        share = GaugeMetricFamily("zptr_omega_certified_share",
+                                  "certified / (certified + fallback) since the server started")
+        share.add_metric([], stats.certified_share)
+        return [certified, fallback, share]
+
+
+class Metrics:
+    """The server's Prometheus metrics (a registry of its own: several apps in one process)."""
+
+    def __init__(self, engine: ZptrLlama):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("zptr_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=registry)
+        self.prompt_tokens = Counter("zptr_prompt_tokens", "prompt tokens of the requests run",
+                                     registry=registry)
+        self.completion_tokens = Counter("zptr_completion_tokens", "tokens generated",
+                                         registry=registry)
+        self.cancelled = Counter("zptr_cancelled_generations",
+                                 "generations stopped early because the client went away",
+                                 registry=registry)
+        self.first_token = Histogram("zptr_time_to_first_token_seconds",
+                                     "from the request's arrival (queue wait included) to its first token",
+                                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                     registry=registry)
+        self.decode_tps = Gauge("zptr_decode_tokens_per_second",
+                                "decode speed of the last finished generation (tokens/s)",
+                                registry=registry)
+        self.queue_depth = Gauge("zptr_queue_depth", "requests waiting for the model",
+                                 registry=registry)
+        self.busy = Gauge("zptr_busy", "1 while a request is generating", registry=registry)
+        registry.register(_OmegaCollector(engine))
+
+    def watch(self, worker: ModelWorker) -> None:
+        self.queue_depth.set_function(lambda: worker.waiting)
+        self.busy.set_function(lambda: float(worker.busy))
+
+
+class CountRequests:
+    """ASGI middleware: every answered request counted by endpoint and status (a pure ASGI
+    wrapper: Starlette's BaseHTTPMiddleware would get between streams and disconnects)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+# ------------------------------------------------------------------------------ the application
+
+
+def _sse(data: Union[dict, str]) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _watch_disconnect(request: Request, job: Job, worker: ModelWorker) -> None:
+    """Cancel ``job`` when the client goes away (the body is read: what comes next is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            worker.cancel(job)
+            return
+
+
+def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = None,
+               queue_size: int = 16, cache_prompt: bool = False) -> FastAPI:
+    """The server's application around a loaded engine (the model thread starts with it).
+
+    ``cache_prompt`` keeps the KV cache of the prefix a prompt shares with the last context (as
+    llama-server): faster for long chats, but a greedy answer may then differ with what ran
+    before (see :meth:`ZptrLlama.reset`); without it every request is decoded from scratch."""
+    if queue_size < 0:
+        raise ConfigError(f"--queue must be 0 or more, got {queue_size}")
+    metrics = Metrics(engine)
+    n_ctx = engine.n_ctx
+    state: dict[str, Any] = {}
+    created = int(time.time())
+    page = resources.files("zptr.app").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["worker"] = worker = ModelWorker(engine, queue_size, metrics, cache_prompt)
+        metrics.watch(worker)
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    # No /docs or /redoc: their pages load assets from a CDN, and the server works offline.
+    app = FastAPI(title="zptr serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(CountRequests, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        return ApiError(err.status_code, str(err.detail), headers=getattr(err, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, err: Exception):
+        return ApiError(500, f"internal error (a bug): {type(err).__name__}").response()
+
+    def require_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    authorized = [Depends(require_key)]
+
+    def settings_of(body: _Generation, max_tokens: Optional[int]) -> SamplingSettings:
+        given = {name: getattr(body, name) for name in SAMPLING_FIELDS if getattr(body, name) is not None}
+        # No max_tokens: up to the end of the context (as OpenAI and llama-server).
+        given["max_tokens"] = n_ctx if max_tokens is None else max_tokens
+        try:
+            return SamplingSettings(**given)
+        except ConfigError as err:
+            raise ApiError(400, str(err), param=_param_of(str(err))) from None
+
+    async def run(request: Request, job: Job) -> tuple:
+        """Queue ``job`` and wait for its first event; a disconnect meanwhile cancels it."""
+        worker: ModelWorker = state["worker"]
+        worker.submit(job)
+        watcher = asyncio.create_task(_watch_disconnect(request, job, worker))
+        try:
+            first = await job.events.get()
+        except BaseException:
+            worker.cancel(job)
+            watcher.cancel()
+            raise
+        if first[0] == "error":
+            watcher.cancel()
+            raise first[1]
+        return first, watcher
+
+    async def complete(request: Request, body: _Generation, job: Job, chat: bool):
+        first, watcher = await run(request, job)
+        _, prompt_tokens, mode = first
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        base = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": model_name}
+        worker: ModelWorker = state["worker"]
+        if body.stream:
+            watcher.cancel()  # the streaming response watches for disconnects itself
+            return StreamingResponse(stream(job, worker, base, prompt_tokens, mode, chat, body),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            pieces, routes = [], []
+            while True:
+                event = await job.events.get()
+                if event[0] == "token":
+                    pieces.append(event[1])
+                    routes.append(event[2])
+                elif event[0] == "end":
+                    _, finish, tail, info = event
+                    break
+                else:
+                    raise event[1]
+        finally:
+            watcher.cancel()
+            worker.cancel(job)  # a no-op once it is done
+        text = "".join(pieces) + tail
+        choice: dict[str, Any] = {"index": 0}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice.update(text=text, logprobs=None)
+        choice.update(finish_reason=finish, routes=None if mode == "off" else routes)
+        return {**base, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                "usage": usage(prompt_tokens, info["completion_tokens"]), "omega": info["omega"]}
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    async def stream(job: Job, worker: ModelWorker, base: dict, prompt_tokens: int, mode: str,
+                     chat: bool, body: _Generation) -> AsyncIterator[str]:
+        def chunk(text: Optional[str], route: Optional[str], finish: Optional[str] = None,
+                  role: bool = False) -> dict:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if role else {}
+                if text is not None:
+                    delta["content"] = text
+                delta["route"] = route
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "route": route, "logprobs": None,
+                          "finish_reason": finish}
+            return {**base, "choices": [choice]}
+
+        try:
+            if chat:
+                yield _sse(chunk("", None, role=True))
+            while True:
+                event = await job.events.get()
+                if event[0] == "token":
+                    yield _sse(chunk(event[1], event[2]))
+                elif event[0] == "end":
+                    _, finish, tail, info = event
+                    last = chunk(tail or None, None, finish)
+                    last["omega"] = info["omega"]
+                    yield _sse(last)
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse({**base, "choices": [],
+                                    "usage": usage(prompt_tokens, info["completion_tokens"])})
+                    yield _sse("[DONE]")
+                    return
+                else:  # an error after the answer began: in the stream, as OpenAI does
+                    yield _sse(event[1].body())
+                    return
+        finally:
+            worker.cancel(job)  # the client went away (or the stream ended: then a no-op)
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(request: Request):
+        body: ChatRequest = await _parse(request, ChatRequest)
+        messages = [m.as_template_input(i) for i, m in enumerate(body.messages)]
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        job = Job(lambda llm: llm.chat_tokens(messages), "messages", settings_of(body, max_tokens),
+                  body.omega, body.origin, asyncio.get_running_loop())
+        return await complete(request, body, job, chat=True)
+
+    @app.post("/v1/completions", dependencies=authorized)
+    async def completions(request: Request):
+        body: CompletionRequest = await _parse(request, CompletionRequest)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "one prompt per request (zptr serve runs n = 1)", param="prompt")
+            prompt = prompt[0]
+        build = (lambda llm: llm.tokenize(prompt)) if isinstance(prompt, str) else (lambda llm: list(prompt))
+        job = Job(build, "prompt", settings_of(body, body.max_tokens), body.omega, body.origin,
+                  asyncio.get_running_loop())
+        return await complete(request, body, job, chat=False)
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": created, "owned_by": "zptr",
+            "meta": {"n_ctx": n_ctx, "omega": engine.mode_at_load, "omega_available": engine.has_omega,
+                     "chat_template": engine.chat_template is not None}}]}
+
+    @app.get("/health")
+    async def health():
+        worker: Optional[ModelWorker] = state.get("worker")
+        return {"status": "ok", "model": model_name, "omega": engine.mode_at_load,
+                "omega_available": engine.has_omega, "routes": list(CLUSTERS), "n_ctx": n_ctx,
+                "busy": bool(worker and worker.busy), "queue_depth": worker.waiting if worker else 0,
+                "queue_size": queue_size, "api_key": api_key is not None}
+
+    @app.get("/metrics", dependencies=authorized)
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return HTMLResponse(page)
+
+    return app
+
+
+__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "Job", "Metrics", "ModelWorker", "create_app"]

@@ -35,7 +35,7 @@ import numpy as np
 
 from zptr.config import CLUSTERS
 from zptr.errors import ConfigError, OmegaModeError, ZptrError
-from zptr.formats.gguf import check_gguf_file, output_matrix
+from zptr.formats.gguf import check_gguf_file, open_gguf, output_matrix
 from zptr.formats.sidecar import Sidecar, check_pairing, read_sidecar, sidecar_path_for
 
 from .llama import HiddenLlama, open_llama
@@ -230,7 +230,9 @@ class ZptrLlama:
             llama_kwargs.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         if on:
             llama_kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
-        self.llm: HiddenLlama = open_llama(self.model_path, HiddenLlama, n_ctx=n_ctx, **llama_kwargs)
+        reader = open_gguf(self.model_path)
+        self.llm: HiddenLlama = open_llama(self.model_path, HiddenLlama, checked=reader, n_ctx=n_ctx,
+                                           **llama_kwargs)
         self.stats = CorrectionStats()
         self.origin_term: Optional[np.ndarray] = None
         self.last_routes: list[int] = []
@@ -245,7 +247,7 @@ class ZptrLlama:
                 self._blas_limits = threadpool_limits(blas_threads, user_api="blas")
             check_pairing(self.sidecar, self.model_path, self.llm.n_embd())
             self.router = OmegaRouter(self.sidecar.tensors, self.sidecar.config)
-            self.corrector = Corrector(output_matrix(self.model_path), self.router.gate, max_candidates)
+            self.corrector = Corrector(output_matrix(reader), self.router.gate, max_candidates)
             self.stats = self.corrector.stats
             self.track = OmegaTrack(self.llm.n_ctx(), self.llm.n_embd(), self.sidecar.config.phase_decay)
             self.llm.hidden_listener = self.track.write

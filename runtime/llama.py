@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import gguf
 import llama_cpp
 import numpy as np
 
@@ -58,14 +59,17 @@ def _model_defaults(**overrides: Any) -> Iterator[None]:
             lib.llama_model_default_params = original
 
 
-def open_llama(model_path: Path, llama_class: Optional[type] = None, **kwargs: Any):
+def open_llama(model_path: Path, llama_class: Optional[type] = None,
+               checked: Optional[gguf.GGUFReader] = None, **kwargs: Any):
     """A ``llama_cpp.Llama`` (or subclass) on ``model_path`` with the AMX workaround applied.
 
     The file is checked first (missing, a directory, not GGUF, truncated: each named), so
-    llama.cpp's own load only fails on what only it can judge.
+    llama.cpp's own load only fails on what only it can judge; ``checked`` is the caller's own
+    :func:`open_gguf` reader of it, which spares a second parse of the metadata.
     """
     model_path = Path(model_path)
-    open_gguf(model_path)
+    if checked is None:
+        open_gguf(model_path)
     install_native_log()
     cls = llama_class or llama_cpp.Llama
     kwargs.setdefault("verbose", False)

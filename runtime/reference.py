@@ -99,8 +99,6 @@ class TorchReference:
         return collect(tokens, self.stream(tokens, max_tokens=max_tokens, **sampling))
 
 
-
-
 def unfolded_soul_logits(gguf_path: Path, tokens: Sequence[int], checkpoint_dir: Path) -> np.ndarray:
     """The unfolded alternative to the fold, for comparison: h_t from llama.cpp on a GGUF without
     the soul, then the soul and the GGUF's own (dequantised) output matrix applied in float64:

@@ -90,11 +90,12 @@ def read_tensor(tensor: gguf.ReaderTensor) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
 
 
-def output_matrix(path: PathLike) -> np.ndarray:
+def output_matrix(model: Union[PathLike, gguf.GGUFReader]) -> np.ndarray:
     """W': the model's output matrix (``output.weight``, or ``token_embd.weight`` when tied),
-    float32 (n_vocab, n_embd): row v is W'_v."""
-    reader = open_gguf(path)
+    float32 (n_vocab, n_embd): row v is W'_v. ``model`` is a path or a reader already open
+    (parsing a large vocabulary's metadata takes seconds, so a caller that has one passes it)."""
+    reader = model if isinstance(model, gguf.GGUFReader) else open_gguf(model)
     tensor = find_tensor(reader, OUTPUT) or find_tensor(reader, TOKEN_EMBD)
     if tensor is None:
-        raise ModelLoadError(f"{path}: neither {OUTPUT} nor {TOKEN_EMBD} found")
+        raise ModelLoadError(f"{reader.data.filename}: neither {OUTPUT} nor {TOKEN_EMBD} found")
     return read_tensor(tensor)

@@ -296,7 +296,9 @@ class ZptrLlama:
 
     @property
     def n_ctx(self) -> int:
-        return self.llm.n_ctx()
+        # The context asked for: llama.cpp pads its own to a multiple of 256, but llama-cpp-python
+        # sizes its token buffers by the request, so a prompt past it would overrun them.
+        return min(self.llm.context_params.n_ctx, self.llm.n_ctx())
 
     @property
     def chat_template(self) -> Optional[str]:

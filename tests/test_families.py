@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from zptr.app import cli
 from zptr.convert import convert_model
-from zptr.errors import ConvertError
+from zptr.errors import ConfigError
 from zptr.families import FAMILIES
 from zptr.formats.gguf import field_value, open_gguf
 from zptr.runtime.engine import ZptrLlama
@@ -276,7 +276,7 @@ def test_unknown_and_multimodal_families_refused(workdir, capsys):
         err = capsys.readouterr().err
         assert code == 1 and f"unsupported architecture '{model_type}'" in err and hint in err
         assert "supported: gemma3_text, llama, mistral, phi3, qwen2, qwen3" in err
-    with pytest.raises(ConvertError, match="unsupported architecture"):
+    with pytest.raises(ConfigError, match="unsupported architecture"):
         convert_model(workdir / "type-gpt2", workdir / "y.gguf", "f32")
 
 

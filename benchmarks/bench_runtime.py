@@ -10,8 +10,9 @@ paths round by round so a busy machine slows them alike:
 * fast-processor: llama-cpp-python's generator with the Omega logits processor (the path of
   create_completion and of sampling),
 
-``-n`` tokens after a ``-p``-token prompt: prefill = time to the first token, decode = the rest. Then greedy fast vs exact on 20 prompts x 64 tokens: equal output and
-the share of certified tokens. Prints figures; asserts nothing.
+``-n`` tokens after a ``-p``-token prompt: prefill = time to the first token, decode = the
+rest. Then greedy fast vs exact on 20 prompts x 64 tokens: equal output and the share of
+certified tokens. Prints figures; asserts nothing.
 
     .venv/bin/python benchmarks/bench_runtime.py [--gate -5] [--rounds 3] [-n 128] [-p 256]
 """

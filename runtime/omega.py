@@ -1,7 +1,8 @@
 """Omega in NumPy: recurrences, router and the logits correction sigma(omega) W' o_t.
 
-Written from the head's definition (``docs/design.md``, "The head") independently of ``zptr/head.py`` (the PyTorch definition), so the parity
-tests that compare the two are a real check. Shapes: D hidden size, V vocabulary, T positions.
+Written from the head's definition (``docs/design.md``, "The head") independently of
+``zptr/head.py`` (the PyTorch definition), so the parity tests that compare the two are a real
+check. Shapes: D hidden size, V vocabulary, T positions.
 
     phi_t   = beta phi_{t-1} + (1 - beta) h_t            phi_0 = 0
     delta_t = h_t - h_{t-1}                               delta_1 = 0

@@ -10,7 +10,8 @@
    Omega off / fast / exact. A run with a noisy row (spread above 10 %, or a busy machine) is
    retried up to ``--tries`` times; a model whose every try stays noisy is not filed.
 3. ``benchmarks/results/<date>-<machine>/``: per model ``bench-<model>.md/.json/.csv/.png``,
-   ``scale.md`` (how the llama.cpp / PyTorch ratio grows with size), ``demo.json`` and
+   ``scale.md`` (how the llama.cpp / PyTorch ratio grows with size, over every model filed in
+   that folder, earlier runs' included), ``demo.json`` and
    ``machine.md``. Work files stay in ``--work-dir``, which is not committed.
 """
 
@@ -42,7 +43,7 @@ def machine_markdown(document: dict, demo_seconds: float | None) -> str:
     lines = [f"# Machine — {document['date']}", "",
              f"- CPU: {m['cpu']} (`lscpu` model name), `nproc` = {m['nproc']}",
              f"- memory: {m['memory_gb']} GB; load average at bench start: {m['load_average_1m']}",
-             f"- measured memory bandwidth: {document['bandwidth_gbs']:.1f} GB/s (threaded numpy copy, "
+             f"- measured memory bandwidth: {document['bandwidth_gbs']:.1f} GB/s (read: a threaded numpy sum, "
              f"best of 5); float32 matrix peak {document['compute_gflops']:.0f} GFLOP/s",
              f"- platform: {m['platform']}, Python {m['python']}",
              "- libraries: " + ", ".join(f"{name} {metadata.version(name)}" for name in LIBRARIES)]
@@ -71,13 +72,14 @@ def quiet_bench(model: str, out: Path, args: argparse.Namespace) -> dict | None:
 
 def scale_table(documents: dict[str, dict]) -> str:
     """Decode and prefill of every path at every size, and llama.cpp q4_k_m over PyTorch f32."""
-    lines = ["| model | path | prefill t/s | decode t/s | decode of its roof | prefill of its roof |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | pp / tg | path | prefill t/s | decode t/s | decode of its roof | prefill of its roof |",
+             "|---|---|---|---|---|---|---|"]
     ratios = []
     for name, document in documents.items():
         rows = {r["path"]: r for r in document["rows"] if r["omega"] == "off"}
+        lengths = f"{document['settings']['n_prompt']} / {document['settings']['n_gen']}"
         for path, row in rows.items():
-            lines.append(f"| {name} | {path} | {row['prefill_tps']:.1f} | {row['decode_tps']:.1f} | "
+            lines.append(f"| {name} | {lengths} | {path} | {row['prefill_tps']:.1f} | {row['decode_tps']:.1f} | "
                          f"{row['roofline_share']:.1%} | {row['compute_share']:.1%} |")
         if "llama-q4_k_m" in rows and "torch-f32" in rows:
             ratios.append(f"- {name}: llama.cpp q4_k_m / PyTorch float32 decode "
@@ -112,7 +114,8 @@ def main() -> int:
 
     documents: dict[str, dict] = {}
     for model in models:
-        label = "135m-demo" if model == first and not args.models else Path(model).name
+        demo_checkpoint = Path(model).resolve().is_relative_to((args.work_dir / "demo").resolve())
+        label = "135m-demo" if demo_checkpoint else Path(model).name
         document = quiet_bench(model, args.work_dir / f"bench-{label}", args)
         if document is None:
             print(f"{model}: every try was noisy; nothing filed for it", flush=True)
@@ -126,13 +129,18 @@ def main() -> int:
         for name in OUTPUTS:
             stem, suffix = name.split(".")
             shutil.copy2(args.work_dir / f"bench-{label}" / name, target / f"{stem}-{label}.{suffix}")
-    (target / "scale.md").write_text(scale_table(documents), encoding="utf-8")
+    # The scale table covers every model filed for this machine class that day, so a model re-run
+    # alone (after its earlier tries were noisy) joins the ones filed before it.
+    filed = {path.stem.removeprefix("bench-"): json.loads(path.read_text(encoding="utf-8"))
+             for path in sorted(target.glob("bench-*.json"))}
+    (target / "scale.md").write_text(scale_table(filed), encoding="utf-8")
     if demo_summary is not None:
         demo_summary["wall_time_s"] = round(demo_seconds, 1)
         (target / "demo.json").write_text(json.dumps(demo_summary, indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
-    (target / "machine.md").write_text(machine_markdown(next(iter(documents.values())), demo_seconds),
-                                       encoding="utf-8")
+    if demo_seconds is not None or not (target / "machine.md").exists():  # keep the demo's timing
+        (target / "machine.md").write_text(machine_markdown(next(iter(documents.values())), demo_seconds),
+                                           encoding="utf-8")
     print(f"\nresults filed in {target}")
     return 0
 

@@ -165,3 +165,34 @@ def test_noise_flag_on_an_artificially_noisy_series(tmp_path):
                 "bandwidth_gbs": 1.0, "compute_gflops": 1.0, "summary": ratios}
     table = markdown_table(document, rows)
     assert "| llama-q4_k_m ⚠ | fast" in table and "not a result to file" in table
+
+
+def test_a_noisy_path_runs_again_alone_and_its_last_run_is_kept(monkeypatch, tmp_path):
+    """run_path_until_quiet re-runs a path while a figure is noisy, at most ``retries`` more times,
+    and reports the run it stopped at whole; a quiet first run is not repeated."""
+    from zptr.app.bench import run
+    from zptr.app.bench.paths import WorkerJob, WorkerResult
+    from zptr.app.bench.report import markdown_table
+
+    def result(decode):
+        timing = {"prefill": [500.0, 501, 499], "decode": decode, "tokens": [1]}
+        return WorkerResult(modes={"off": timing, "fast": dict(timing)}, peak_rss_mb=1.0,
+                            bytes_per_token=10, parameters=10)
+
+    noisy, quiet = result([100.0, 60, 140]), result([100.0, 101, 99])
+    job = WorkerJob(name="llama-q4_k_m", modes=["off", "fast"], checkpoint="c", prompt=[1], text=[1],
+                    n_gen=4, repetitions=3, threads=2, timing=True, workdir=str(tmp_path))
+    for sequence, retries, expected_runs, kept in (([noisy, noisy, quiet, noisy], 2, 3, quiet),
+                                                   ([noisy, noisy, noisy, quiet], 2, 3, noisy),
+                                                   ([quiet, noisy], 2, 1, quiet),
+                                                   ([noisy, quiet], 0, 1, noisy)):
+        calls = iter(sequence)
+        monkeypatch.setattr(run, "run_worker", lambda _job: next(calls))
+        got, runs = run.run_path_until_quiet(job, retries)
+        assert (got, runs) == (kept, expected_runs)
+    assert run.noisy_timing(noisy) and not run.noisy_timing(quiet)
+    document = {"settings": dict(n_prompt=1, n_gen=4, repetitions=3, threads=2, quality_tokens=4),
+                "machine": dict(cpu="x", nproc=2, memory_gb=1, load_average_1m=0.5),
+                "bandwidth_gbs": 1.0, "compute_gflops": 1.0, "summary": {},
+                "runs": {"torch-f32": 1, "llama-q4_k_m": 3}}
+    assert "run again while noisy (runs, the last reported): llama-q4_k_m 3" in markdown_table(document, [])

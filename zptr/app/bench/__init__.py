@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (prefill; default 128)")
     parser.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (decode; default 64)")
     parser.add_argument("-r", "--repetitions", type=int, default=3, help="repetitions per test (default 3)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="runs again of a path whose speed figures are noisy (spread above 10 %%; "
+                             "default 2); the table says how many runs each path took")
     add_threads(parser)
     parser.add_argument("--paths", type=_csv_list(tuple(PATHS)), default=None,
                         help=f"comma list of {', '.join(PATHS)} (default: all; nf4 needs CUDA)")
@@ -65,6 +68,8 @@ def main(args: argparse.Namespace) -> int:
     for flag, value in (("-p", args.n_prompt), ("-n", args.n_gen), ("-r", args.repetitions)):
         if value < 1:
             raise ZptrError(f"{flag} must be at least 1, got {value}")
+    if args.retries < 0:
+        raise ZptrError(f"--retries must be 0 or more, got {args.retries}")
     n_threads = threads(args.threads)
     paths = args.paths or default_paths()
     cuda_less = [n for n in paths if PATHS[n].needs_cuda and n not in default_paths()]
@@ -78,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
     ggufs = ensure_ggufs(checkpoint, kinds, output_dir / "models", progress=True)
     run_bench(BenchConfig(checkpoint=checkpoint, output_dir=output_dir, paths=paths,
                           omega=args.omega, n_prompt=args.n_prompt, n_gen=args.n_gen,
-                          repetitions=args.repetitions, threads=n_threads,
+                          repetitions=args.repetitions, retries=args.retries, threads=n_threads,
                           text_file=args.text_file, ggufs=ggufs))
     print(f"\nwrote {', '.join(str(output_dir / f) for f in ('bench.md', 'bench.json', 'bench.csv', 'bench.png'))}")
     return 0

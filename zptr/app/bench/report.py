@@ -135,6 +135,10 @@ def markdown_table(document: dict[str, Any], rows: Sequence[Row]) -> str:
               f"memory bandwidth {document['bandwidth_gbs']:.1f} GB/s, float32 matrix peak "
               f"{document['compute_gflops']:.0f} GFLOP/s; {m['cpu']}, {m['nproc']} cores, "
               f"{m['memory_gb']} GB, load {m['load_average_1m']}"]
+    rerun = {name: runs for name, runs in document.get("runs", {}).items() if runs > 1}
+    if rerun:
+        lines.append("run again while noisy (runs, the last reported): "
+                     + ", ".join(f"{name} {runs}" for name, runs in rerun.items()))
     if any(r.noisy for r in rows):
         lines.append(f"⚠ noisy: spread (sd / median) above {NOISY_SPREAD:.0%}, or the machine was busy "
                      "(load above its core count) — not a result to file")

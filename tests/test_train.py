@@ -177,6 +177,22 @@ def test_bad_data_line_fails_cleanly(tiny_dir, tmp_path, capsys):
     assert code == 0 and "skipped 1 bad lines" in io.out and step_dirs(out)
 
 
+def test_library_chatter_is_hidden_unless_verbose(tiny_dir, tmp_path):
+    """PEFT's read of transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning on
+    every run) and bitsandbytes' optional-kernel notice stay out of a plain run; ``-v`` shows them."""
+    def stderr_of(name: str, *extra: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "zptr", "train", "--base-model", str(tiny_dir),
+                                 "--max-steps", "1", "--warmup-steps", "1", "--annealing-steps", "1",
+                                 "--max-length", "16", "--no-progress", "--output-dir", str(tmp_path / name),
+                                 *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stderr
+
+    assert "is_gradient_checkpointing" in stderr_of("verbose", "-v")
+    quiet = stderr_of("quiet")
+    assert "is_gradient_checkpointing" not in quiet and "kernels-community" not in quiet, quiet
+
+
 def test_dry_run_prints_the_estimate_and_writes_nothing(tiny_dir, tmp_path, capsys):
     out = tmp_path / "never"
     code, io = run_cli(["--base-model", tiny_dir, "--output-dir", out, "--dry-run", "--load-in-4bit"], capsys)

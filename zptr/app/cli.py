@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import signal
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from ..errors import Interrupted, ZptrError
@@ -52,6 +54,17 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_chatter(verbose: bool) -> None:
+    """Silence two library messages that tell a ZPTR user nothing they can act on (``-v`` keeps
+    them): bitsandbytes' CPU backend asks on import for the optional ``kernels`` package (a Hub
+    download this tool never makes), and PEFT reads transformers' deprecated
+    ``is_gradient_checkpointing`` on every model it wraps."""
+    if verbose:
+        return
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def _raise_interrupt(signum, frame) -> None:
     raise Interrupted(signum)
 
@@ -61,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     prefix = f"zptr {args.command}"
+    quiet_library_chatter(args.verbose)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         # Both signals unwind through the finally blocks that remove temporary outputs.

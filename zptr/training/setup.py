@@ -56,7 +56,7 @@ def build_model(cfg: TrainConfig, head_config: Optional[ZptrConfig] = None) -> Z
     if cfg.gradient_checkpointing:
         # Recompute each decoder layer in the backward pass; the frozen embedding's output must
         # require grad or the checkpointed layers would see no gradient path.
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         lm.enable_input_require_grads()
     targets = resolve_lora_targets(lm, cfg.lora_targets)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

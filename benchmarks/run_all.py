@@ -61,7 +61,8 @@ def slug(document: dict) -> str:
 def quiet_bench(model: str, out: Path, args: argparse.Namespace) -> dict | None:
     """The bench of ``model``, retried while a row is noisy; None when every try was."""
     for attempt in range(1, args.tries + 1):
-        zptr("bench", "--model", model, "-p", args.p, "-n", args.n, "-r", args.r, "--output-dir", str(out))
+        paths = ["--paths", args.paths] if args.paths else []
+        zptr("bench", "--model", model, "-p", args.p, "-n", args.n, "-r", args.r, *paths, "--output-dir", str(out))
         document = json.loads((out / "bench.json").read_text())
         noisy = [f"{r['path']}/{r['omega']}" for r in document["rows"] if r["noisy"]]
         if not noisy:
@@ -99,6 +100,8 @@ def main() -> int:
     parser.add_argument("-p", default="128")
     parser.add_argument("-n", default="64")
     parser.add_argument("-r", default="5")
+    parser.add_argument("--paths", default=None,
+                        help="zptr bench's comma list of paths (default: every path this machine has)")
     args = parser.parse_args()
 
     demo_seconds, demo_summary = None, None

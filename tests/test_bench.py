@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from zptr.app.bench.measure import measure_bandwidth, measure_compute, peak_rss_mb
+from zptr.app.bench.measure import measure_bandwidth, measure_compute, noisy_timing, peak_rss_mb
 from zptr.runtime.metrics import quality
 from zptr.app import cli
 
@@ -190,7 +190,7 @@ def test_a_noisy_path_runs_again_alone_and_its_last_run_is_kept(monkeypatch, tmp
         monkeypatch.setattr(run, "run_worker", lambda _job: next(calls))
         got, runs = run.run_path_until_quiet(job, retries)
         assert (got, runs) == (kept, expected_runs)
-    assert run.noisy_timing(noisy) and not run.noisy_timing(quiet)
+    assert noisy_timing(noisy.modes["off"]) and not noisy_timing(quiet.modes["off"])
     document = {"settings": dict(n_prompt=1, n_gen=4, repetitions=3, threads=2, quality_tokens=4),
                 "machine": dict(cpu="x", nproc=2, memory_gb=1, load_average_1m=0.5),
                 "bandwidth_gbs": 1.0, "compute_gflops": 1.0, "summary": {},

@@ -98,6 +98,12 @@ def median_spread(values: Sequence[float]) -> tuple[float, float, float]:
     return median, sd, (sd / median if median > 0 else math.inf)
 
 
+def noisy_timing(timing: dict[str, Sequence[float]]) -> bool:
+    """Whether a mode's prefill or decode series spreads beyond :data:`NOISY_SPREAD`: the one
+    rule behind a row's flag and a path's re-run."""
+    return any(median_spread(timing[kind])[2] > NOISY_SPREAD for kind in ("prefill", "decode"))
+
+
 def machine_description() -> dict[str, Any]:
     import psutil
 

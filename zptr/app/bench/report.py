@@ -21,7 +21,7 @@ import numpy as np
 from zptr.fileio import Outputs
 from zptr.runtime.metrics import quality
 
-from .measure import NOISY_SPREAD, median_spread
+from .measure import NOISY_SPREAD, median_spread, noisy_timing
 from .paths import PATHS, REFERENCE_PATH, WorkerJob, WorkerResult
 
 
@@ -58,7 +58,7 @@ def build_rows(job: WorkerJob, result: WorkerResult, reference: dict[str, Path],
                   decode_tps=decode, decode_std=decode_sd, peak_rss_mb=result.peak_rss_mb,
                   bytes_per_token=result.bytes_per_token, parameters=result.parameters,
                   prefill_spread=prefill_spread, decode_spread=decode_spread,
-                  noisy=busy or max(prefill_spread, decode_spread) > NOISY_SPREAD,
+                  noisy=busy or noisy_timing(timing),
                   certified_share=timing.get("certified_share", math.nan))
         # Quality against the float32 head in the same mode. teacher_forced is exact in both
         # Omega-on modes, so fast is checked by its greedy tokens equalling exact's instead.

@@ -14,8 +14,7 @@ from zptr.dataset import mixed_text_path
 from zptr.errors import ZptrError
 
 from .backends import run_worker
-from .measure import (NOISY_SPREAD, machine_busy, machine_description, measure_bandwidth, measure_compute,
-                      median_spread)
+from .measure import machine_busy, machine_description, measure_bandwidth, measure_compute, noisy_timing
 from .paths import PATHS, REFERENCE_PATH, WorkerJob, WorkerResult
 from .report import Row, add_ceilings, build_rows, summary, write_outputs
 
@@ -94,18 +93,12 @@ def ensure_ggufs(checkpoint: Path, kinds: Sequence[str], models_dir: Path, progr
     return out
 
 
-def noisy_timing(result: WorkerResult) -> bool:
-    """Whether any prefill or decode series of a path's run spreads beyond the noise limit."""
-    return any(median_spread(timing[kind])[2] > NOISY_SPREAD
-               for timing in result.modes.values() for kind in ("prefill", "decode"))
-
-
 def run_path_until_quiet(job: WorkerJob, retries: int) -> tuple[WorkerResult, int]:
     """A path's run, and how many runs it took: a path is its own fresh process, so one with a
     noisy figure runs again alone, up to ``retries`` more times, and the last run is kept whole
     (its Omega modes interleaved within it, never mixed with another run's)."""
     result, runs = run_worker(job), 1
-    while runs <= retries and noisy_timing(result):
+    while runs <= retries and any(map(noisy_timing, result.modes.values())):
         result, runs = run_worker(job), runs + 1
     return result, runs
 

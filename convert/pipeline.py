@@ -1,9 +1,10 @@
 """``convert_model``: checkpoint (or plain HF model) -> GGUF with the soul folded + Omega sidecar.
 
 Order of work: resolve and validate every input first (:mod:`.source`), refuse outputs that exist
-or overlap an input, then stream the merged, folded tensors into the GGUF, quantize when the type
-is not written directly, write the sidecar paired with the final model bytes and the optional HF
-export. All outputs are written under temporary names and appear together at the end
+or overlap an input, then stream the merged, folded tensors into the GGUF in their final types
+(quantized on the way, :mod:`.writer`; through llama.cpp's quantizer and a bf16 intermediate only
+where its type rules depend on the imatrix), write the sidecar paired with the final model bytes
+and the optional HF export. All outputs are written under temporary names and appear together at the end
 (:class:`zptr.fileio.Outputs`); a failure or interrupt anywhere leaves none of them.
 """
 
@@ -19,21 +20,25 @@ from typing import Any, Iterator, Optional, Union
 import gguf
 import torch
 
+from zptr.errors import ConvertError
 from zptr.fileio import Outputs, check_separate
-from zptr.formats.imatrix import read_imatrix
+from zptr.formats.imatrix import Imatrix, read_imatrix
 from zptr.formats.keys import Keys
 from zptr.formats.sidecar import sidecar_path_for, write_sidecar
 
+from .ggml import IMATRIX_DEPENDENT_FTYPES, TypeModel, llama_tensor_types, type_choice_available
 from .hf_export import export_hf as write_hf_export
-from .hparams import arch_params, write_hparams
+from .hparams import ArchParams, arch_params, write_hparams
 from .merge import EMBED
-from .quantize import check_imatrix_type, check_outtype, llama_quantize, untied_embedding_type
+from .quantize import (QUANT_TYPES, check_imatrix_type, check_outtype, llama_quantize, needs_imatrix,
+                       untied_embedding_type)
 from .source import Source, load_source
-from .tensors import gguf_tensors
+from .tensors import GgufTensor, gguf_tensors
 from .vocab import write_vocab
-from .writer import DIRECT_TYPES, write_gguf
+from .writer import DIRECT_TYPES, WritePlan, direct_plan, write_gguf
 
 PathLike = Union[str, Path]
+Q = gguf.GGMLQuantizationType
 INTERMEDIATE = "bf16"  # what llama.cpp's quantizer reads
 AUTO_IMATRIX = "auto"  # --imatrix auto: computed from the checkpoint's own training data
 IMATRIX_SUFFIX = ".imatrix.gguf"
@@ -75,13 +80,43 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _quantized_plan(src: Source, tensors: list[GgufTensor], outtype: str, params: ArchParams,
+                    embedding_type: Optional[int], imatrix: Optional[Imatrix]) -> Optional[WritePlan]:
+    """llama.cpp's types for ``outtype`` on these tensors, with the imatrix they are quantized
+    with; None where only ``llama_model_quantize`` itself can tell (see :mod:`.ggml`)."""
+    if not type_choice_available() or (imatrix is not None and outtype in IMATRIX_DEPENDENT_FTYPES):
+        return None
+    config = src.model.config
+    model = TypeModel(src.family.gguf_arch, config.hidden_size, config.intermediate_size, params.n_layer,
+                      params.n_head, params.n_head_kv, params.head_dim)
+    types = llama_tensor_types(model, {t.name: t.shape for t in tensors}, QUANT_TYPES[outtype], Q.BF16,
+                               embedding_type)
+    means = imatrix.means() if imatrix is not None else {}
+    for name, kind in types.items():
+        if needs_imatrix(name, kind, outtype) and name not in means:
+            raise ConvertError(f"{outtype} quantizes {name} to {kind.name}, which needs an importance "
+                               f"matrix{' entry for it' if means else ''}: pass --imatrix FILE or --imatrix auto")
+    return WritePlan(outtype, QUANT_TYPES[outtype], types, means or None)
+
+
 def _write_model(src: Source, path: Path, outtype: str, metadata: dict[str, Any],
                  imatrix: Optional[Path], imatrix_name: Optional[str], progress: bool) -> None:
-    """The GGUF of ``src`` at ``path`` (a temporary): written directly, or through a bf16
-    intermediate and llama.cpp's quantizer."""
+    """The GGUF of ``src`` at ``path`` (a temporary): written directly in its final types, or,
+    where only llama.cpp's quantizer knows them, through a bf16 intermediate it quantizes."""
     config = src.model.config
     params = arch_params(src.family, config)
     n_vocab = src.model.shape(EMBED)[0]
+    tensors = gguf_tensors(src.family, src.model, params)
+    # The fold unties a tied embedding: it keeps the type llama.cpp gives the tied matrix.
+    untied = src.model.tied and src.model.folded
+    embedding_type = untied_embedding_type(outtype, config.hidden_size) if untied else None
+    matrix = read_imatrix(imatrix) if imatrix is not None else None
+    if outtype in DIRECT_TYPES:
+        plan: Optional[WritePlan] = direct_plan(tensors, outtype)
+    else:
+        plan = _quantized_plan(src, tensors, outtype, params, embedding_type, matrix)
+    if plan is not None and matrix is not None:
+        metadata = {**metadata, **matrix.quantize_keys(imatrix_name or str(imatrix))}
 
     def write_keys(w: gguf.GGUFWriter) -> None:
         w.add_name(src.name)
@@ -90,17 +125,14 @@ def _write_model(src: Source, path: Path, outtype: str, metadata: dict[str, Any]
         write_vocab(w, src.tokenizer_source, n_vocab)
         write_zptr_keys(w, metadata)
 
-    tensors = gguf_tensors(src.family, src.model, params)
-    if outtype in DIRECT_TYPES:
-        write_gguf(path, src.family.gguf_arch, write_keys, tensors, outtype, progress)
+    if plan is not None:
+        write_gguf(path, src.family.gguf_arch, write_keys, tensors, plan, progress)
         return
     with tempfile.TemporaryDirectory(prefix=".zptr-convert-", dir=path.parent) as work:
         # bfloat16 for the quantizer's input: half the bytes of float32 to write and read back,
         # float32's range (no overflow), and a rounding (2^-9) far below any type it quantizes to.
         intermediate = write_gguf(Path(work) / "bf16.gguf", src.family.gguf_arch, write_keys, tensors,
-                                  INTERMEDIATE, progress)
-        untied = src.model.tied and src.model.folded
-        embedding_type = untied_embedding_type(outtype, config.hidden_size) if untied else None
+                                  direct_plan(tensors, INTERMEDIATE), progress)
         if progress:
             print(f"quantizing to {outtype} with llama.cpp", file=sys.stderr, flush=True)
         llama_quantize(intermediate, path, outtype, embedding_type=embedding_type, imatrix=imatrix,

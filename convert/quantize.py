@@ -27,18 +27,23 @@ from zptr.formats.keys import Keys
 from zptr.formats.sidecar import SIDECAR_ARCH, read_sidecar, sidecar_path_for, write_sidecar
 from zptr.native_log import current, feed_relayed
 
+from .ggml import producible
+
 # ftypes whose own tensor type is at least as precise as what llama.cpp gives an output matrix.
 _HIGH_PRECISION = ("f32", "f16", "bf16", "q8_0")
 _FLOAT_INPUTS = {"F32", "F16", "BF16"}
+_Q = gguf.GGMLQuantizationType
+_NEED_IMATRIX = {_Q.IQ1_S, _Q.IQ1_M, _Q.IQ2_XXS, _Q.IQ2_XS, _Q.IQ2_S, _Q.IQ3_XXS}
 
 
 def _llama_types() -> dict[str, int]:
-    """Out type name -> llama_ftype, read from llama-cpp-python's constants (q4_k_m, q8_0, ...)."""
+    """Out type name -> llama_ftype, read from llama-cpp-python's constants (q4_k_m, q8_0, ...);
+    only those llama.cpp's quantizer makes (the constants also name nvfp4, which it refuses)."""
     import llama_cpp
 
     prefix = "LLAMA_FTYPE_MOSTLY_"
     types = {name[len(prefix):].lower(): value for name, value in vars(llama_cpp).items()
-             if name.startswith(prefix) and isinstance(value, int)}
+             if name.startswith(prefix) and isinstance(value, int) and producible(value)}
     types["f32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
     return types
 
@@ -60,6 +65,15 @@ def untied_embedding_type(outtype: str, n_embd: int) -> Optional[int]:
     if outtype in _HIGH_PRECISION:
         return None
     return int(gguf.GGMLQuantizationType.Q8_0 if n_embd % 256 else gguf.GGMLQuantizationType.Q6_K)
+
+
+def needs_imatrix(name: str, qtype: gguf.GGMLQuantizationType, outtype: str) -> bool:
+    """llama.cpp quantizes this tensor to ``qtype`` only with an importance matrix
+    (``tensor_requires_imatrix``): the IQ1/IQ2 types and IQ3_XXS, and Q2_K inside a q2_k_s model;
+    never the token embedding or the output matrix."""
+    if name in ("token_embd.weight", "output.weight"):
+        return False
+    return qtype in _NEED_IMATRIX or (qtype == gguf.GGMLQuantizationType.Q2_K and outtype == "q2_k_s")
 
 
 def check_imatrix_type(outtype: str, imatrix: Optional[Path]) -> None:
@@ -147,5 +161,5 @@ def quantize_gguf(infile: Path, outfile: Path, outtype: str, overwrite: bool = F
     return outfile
 
 
-__all__ = ["QUANT_TYPES", "check_imatrix_type", "check_outtype", "llama_quantize", "quantize_gguf",
+__all__ = ["QUANT_TYPES", "check_imatrix_type", "check_outtype", "llama_quantize", "needs_imatrix", "quantize_gguf",
            "untied_embedding_type"]

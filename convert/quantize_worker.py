@@ -53,7 +53,7 @@ def _imatrix_array(path: str, recorded_as: str):
     import llama_cpp
     import numpy as np
 
-    from zptr.formats.imatrix import Keys, read_imatrix
+    from zptr.formats.imatrix import read_imatrix
 
     imatrix = read_imatrix(path)
     values = imatrix.means()
@@ -65,12 +65,7 @@ def _imatrix_array(path: str, recorded_as: str):
         slot.name = name.encode()
         slot.data = array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         slot.size = array.size
-    keys: dict[str, Union[str, int]] = {Keys.Quantize.FILE: recorded_as}
-    if imatrix.datasets:
-        keys[Keys.Quantize.DATASET] = imatrix.datasets[0]
-    keys[Keys.Quantize.ENTRIES_COUNT] = len(values)
-    if imatrix.chunk_count > 0:
-        keys[Keys.Quantize.CHUNKS_COUNT] = imatrix.chunk_count
+    keys = imatrix.quantize_keys(recorded_as)
     return entries, keep, keys
 
 

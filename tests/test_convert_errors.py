@@ -161,11 +161,11 @@ def test_failure_mid_write_leaves_nothing(built, monkeypatch):
     calls = {"n": 0}
     real_encode = zptr.convert.writer.encode
 
-    def failing(data, qtype):
+    def failing(data, qtype, *rest, **named):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_encode(data, qtype)
+        return real_encode(data, qtype, *rest, **named)
 
     monkeypatch.setattr(zptr.convert.writer, "encode", failing)
     with pytest.raises(OSError):

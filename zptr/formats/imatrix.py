@@ -92,6 +92,17 @@ class Imatrix:
             out[name] = np.ascontiguousarray(means, np.float32).reshape(-1)
         return out
 
+    def quantize_keys(self, recorded_as: str) -> dict[str, Union[str, int]]:
+        """The ``quantize.imatrix.*`` keys llama-quantize records in a model quantized with this
+        imatrix, the file named ``recorded_as``."""
+        keys: dict[str, Union[str, int]] = {Keys.Quantize.FILE: recorded_as}
+        if self.datasets:
+            keys[Keys.Quantize.DATASET] = self.datasets[0]
+        keys[Keys.Quantize.ENTRIES_COUNT] = len(self.entries)
+        if self.chunk_count > 0:
+            keys[Keys.Quantize.CHUNKS_COUNT] = self.chunk_count
+        return keys
+
 
 def write_imatrix(path: PathLike, imatrix: Imatrix) -> Path:
     """Write ``imatrix`` in llama.cpp's GGUF layout to ``path`` (the caller's temporary)."""

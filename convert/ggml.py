@@ -29,6 +29,7 @@ import gguf
 import numpy as np
 
 from zptr.errors import ConvertError
+from zptr.native_log import install as install_native_log
 
 Q = gguf.GGMLQuantizationType
 
@@ -158,6 +159,7 @@ def llama_tensor_types(model: TypeModel, shapes: dict[str, tuple[int, ...]], fty
         raise ConvertError("this llama-cpp-python build does not export llama.cpp's quantization type API")
     import llama_cpp
 
+    install_native_log()  # the rules log each fallback type: summarised, as the quantizer's are
     ggml = _ggml()
     names = llama_order(list(shapes))
     desc = _ModelDesc(model.arch.encode(), model.n_embd, model.n_ff, model.n_layer, model.n_head,

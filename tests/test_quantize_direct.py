@@ -119,3 +119,16 @@ def test_types_that_need_an_imatrix_are_refused_without_one(work, tmp_path, caps
     err = capsys.readouterr().err
     assert "needs an importance matrix" in err and "--imatrix" in err and "Traceback" not in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_fallback_types_are_summarised_in_one_line(tmp_path, capsys):
+    """64 columns split into no 256-block: llama.cpp's rules log a fallback per tensor, which
+    ZPTR counts into one line (``-v`` shows them all)."""
+    base = save_family_fixture("llama", tmp_path / "tiny")
+    out = tmp_path / "m.gguf"
+    capsys.readouterr()
+    assert zptr("convert", base, "--outfile", out, "--outtype", "q4_k_m", "--no-progress") == 0
+    err = capsys.readouterr().err
+    matrices = sum(len(t.shape) == 2 for t in open_gguf(out).tensors)
+    assert f"llama.cpp: {matrices - 1} tensors fell back to q5_0 / q8_0" in err, err
+    assert "not divisible" not in err

@@ -6,8 +6,8 @@
   embeddings) with random weights and a SentencePiece tokenizer (llama.cpp's converter recognises
   byte-level BPE tokenizers by a hash of known releases only), generated once into the cache;
 * ZPTR: a checkpoint on it (LoRA r=16 on q/k/v/o with non-zero B, so8 soul at the golden alpha,
-  Omega router) converted by ``zptr convert --outtype q4_k_m``: LoRA merged, soul folded,
-  sidecar written, llama.cpp's quantizer in a child process;
+  Omega router) converted by ``zptr convert --outtype q4_k_m``: LoRA merged, soul folded and
+  rows quantized by ggml in one pass (llama.cpp's type rules), sidecar written;
 * the reference: llama.cpp's ``convert_hf_to_gguf.py --outtype f16`` of the plain base (no merge,
   no fold), then llama.cpp's quantizer (``llama_model_quantize``, the function llama-quantize
   runs) to q4_k_m, with the same threads. The script comes from the llama-cpp-python sdist of the
@@ -55,9 +55,19 @@ def llama_cpp_source() -> Path:
     return tree
 
 
+def settle(limit_s: float = 90.0) -> float:
+    """Wait (at most ``limit_s``) for the 1-minute load average, still raised by the previous
+    run, to fall below the core count; the load then, which flags the run when still above."""
+    cores = os.cpu_count() or 1
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] >= cores and time.monotonic() < deadline:
+        time.sleep(2)
+    return os.getloadavg()[0]
+
+
 def measured(cmd: list[str], env: dict | None = None) -> dict:
     """Wall time and peak RSS (the largest any process of the run reached, and their sum)."""
-    load = os.getloadavg()[0]
+    load = settle()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     root = psutil.Process(proc.pid)

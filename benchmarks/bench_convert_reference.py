@@ -32,6 +32,7 @@ from pathlib import Path
 
 import psutil
 
+from zptr.app.bench.measure import settle_load
 from zptr.models import SYNTHETIC_MODELS, cache_dir, resolve_model_path
 
 QUANTIZE = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
@@ -55,19 +56,9 @@ def llama_cpp_source() -> Path:
     return tree
 
 
-def settle(limit_s: float = 90.0) -> float:
-    """Wait (at most ``limit_s``) for the 1-minute load average, still raised by the previous
-    run, to fall below the core count; the load then, which flags the run when still above."""
-    cores = os.cpu_count() or 1
-    deadline = time.monotonic() + limit_s
-    while os.getloadavg()[0] >= cores and time.monotonic() < deadline:
-        time.sleep(2)
-    return os.getloadavg()[0]
-
-
 def measured(cmd: list[str], env: dict | None = None) -> dict:
     """Wall time and peak RSS (the largest any process of the run reached, and their sum)."""
-    load = settle()
+    load = settle_load(90)  # the previous run still raises the load average
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     root = psutil.Process(proc.pid)

@@ -191,7 +191,8 @@ def llama_tensor_types(model: TypeModel, shapes: dict[str, tuple[int, ...]], fty
 
 
 def requires_imatrix(qtype: Q) -> bool:
-    """ggml cannot quantize to this type without an importance matrix (the IQ1/IQ2/IQ3_XXS types)."""
+    """ggml cannot quantize to this type without an importance matrix (its own list, narrower than
+    the types llama.cpp asks one for: :func:`zptr.convert.quantize.needs_imatrix`)."""
     return bool(_ggml().ggml_quantize_requires_imatrix(int(qtype)))
 
 

@@ -35,7 +35,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def bench_run(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out") / "out"
     rc = cli.main(["bench", "--model", str(checkpoint), "--paths", "torch-f32,llama-f16",
-                   "-p", "12", "-n", "6", "-r", "2", "--output-dir", str(out)])
+                   "-p", "12", "-n", "6", "-r", "2", "--settle", "0", "--output-dir", str(out)])
     return rc, out, json.loads((out / "bench.json").read_text())
 
 
@@ -196,3 +196,22 @@ def test_a_noisy_path_runs_again_alone_and_its_last_run_is_kept(monkeypatch, tmp
                 "bandwidth_gbs": 1.0, "compute_gflops": 1.0, "summary": {},
                 "runs": {"torch-f32": 1, "llama-q4_k_m": 3}}
     assert "run again while noisy (runs, the last reported): llama-q4_k_m 3" in markdown_table(document, [])
+
+
+def test_settle_waits_for_the_load_to_fall_below_the_core_count(monkeypatch):
+    """The load average trails by a minute: a run started right after the bench's own conversions
+    waits for it to fall, up to a limit, and reports the load it starts at."""
+    from zptr.app.bench import measure
+
+    clock = {"now": 0.0}
+    loads = iter([3.0, 2.5, 2.1, 1.4, 1.4])
+    monkeypatch.setattr(measure.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(measure.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(measure.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(measure.time, "sleep", lambda s: clock.__setitem__("now", clock["now"] + s))
+    assert measure.settle_load(60) == 1.4 and clock["now"] == 6.0
+
+    loads = iter([2.5] * 100)
+    clock["now"] = 0.0
+    assert measure.settle_load(5) == 2.5 and clock["now"] == 6.0  # gave up after the limit
+

@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=2,
                         help="runs again of a path whose speed figures are noisy (spread above 10 %%; "
                              "default 2); the table says how many runs each path took")
+    parser.add_argument("--settle", type=float, default=60.0, metavar="SECONDS",
+                        help="wait up to this long, before measuring, for the 1-minute load average "
+                             "(still raised by the GGUF conversions just done) to fall below the core "
+                             "count; a run that starts above it is flagged noisy (default 60; 0: no wait)")
     add_threads(parser)
     parser.add_argument("--paths", type=_csv_list(tuple(PATHS)), default=None,
                         help=f"comma list of {', '.join(PATHS)} (default: all; nf4 needs CUDA)")
@@ -70,6 +74,8 @@ def main(args: argparse.Namespace) -> int:
             raise ZptrError(f"{flag} must be at least 1, got {value}")
     if args.retries < 0:
         raise ZptrError(f"--retries must be 0 or more, got {args.retries}")
+    if not args.settle >= 0:
+        raise ZptrError(f"--settle must be 0 or more seconds, got {args.settle}")
     n_threads = threads(args.threads)
     paths = args.paths or default_paths()
     cuda_less = [n for n in paths if PATHS[n].needs_cuda and n not in default_paths()]
@@ -83,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
     ggufs = ensure_ggufs(checkpoint, kinds, output_dir / "models", progress=True)
     run_bench(BenchConfig(checkpoint=checkpoint, output_dir=output_dir, paths=paths,
                           omega=args.omega, n_prompt=args.n_prompt, n_gen=args.n_gen,
-                          repetitions=args.repetitions, retries=args.retries, threads=n_threads,
+                          repetitions=args.repetitions, retries=args.retries, settle_s=args.settle,
+                          threads=n_threads,
                           text_file=args.text_file, ggufs=ggufs))
     print(f"\nwrote {', '.join(str(output_dir / f) for f in ('bench.md', 'bench.json', 'bench.csv', 'bench.png'))}")
     return 0

@@ -118,6 +118,17 @@ def machine_description() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def settle_load(limit_s: float) -> float:
+    """Wait (at most ``limit_s``) for the 1-minute load average to fall below the core count, and
+    return it. The average trails by a minute: work just finished here (the bench's own GGUF
+    conversions, a previous try) would otherwise flag a run on a machine that is now quiet."""
+    cores = os.cpu_count() or 1
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] >= cores and time.monotonic() < deadline:
+        time.sleep(2)
+    return os.getloadavg()[0]
+
+
 def machine_busy(machine: dict[str, Any]) -> bool:
     """A load average above the core count at the start: every figure of the run is suspect."""
     return machine["load_average_1m"] > machine["nproc"]

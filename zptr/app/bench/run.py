@@ -14,7 +14,8 @@ from zptr.dataset import mixed_text_path
 from zptr.errors import ZptrError
 
 from .backends import run_worker
-from .measure import machine_busy, machine_description, measure_bandwidth, measure_compute, noisy_timing
+from .measure import (machine_busy, machine_description, measure_bandwidth, measure_compute, noisy_timing,
+                      settle_load)
 from .paths import PATHS, REFERENCE_PATH, WorkerJob, WorkerResult
 from .report import Row, add_ceilings, build_rows, summary, write_outputs
 
@@ -30,6 +31,7 @@ class BenchConfig:
     repetitions: int = 3
     threads: int = 1
     retries: int = 0  # extra runs of a path while one of its figures is noisy
+    settle_s: float = 0.0  # longest wait for the load average to fall below the core count
     text_file: Optional[Path] = None
     ggufs: dict = field(default_factory=dict)  # outtype -> (model path, sidecar path or None)
     progress: bool = True
@@ -113,6 +115,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         raise ZptrError(f"no GGUF given for {', '.join(missing)}")
     prompt, text = bench_tokens(config.checkpoint, config.n_prompt, config.text_file)
     config.output_dir.mkdir(parents=True, exist_ok=True)
+    settle_load(config.settle_s)
     machine = machine_description()
     document: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,

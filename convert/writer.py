@@ -101,7 +101,7 @@ def write_gguf(path: Path, arch: str, write_keys: Callable[[gguf.GGUFWriter], No
         bar = tqdm(total=len(tensors), desc=f"writing {plan.label} GGUF", unit="tensor", disable=not progress)
         with bar, _Prefetch(tensors) as blocks:
             for tensor in tensors:
-                _write_blocks(writer, tensor, plan, blocks.of(tensor))
+                _write_blocks(writer, tensor, plan, blocks.next_tensor())
                 bar.update()
     finally:
         writer.close()
@@ -135,23 +135,21 @@ class _Prefetch:
         try:
             for tensor in self._tensors:
                 for block in tensor.blocks():
-                    if not self._put((tensor.name, block)):
+                    if not self._put(block):
                         return
-                if not self._put((tensor.name, self._END)):
+                if not self._put(self._END):
                     return
         except BaseException as err:  # handed to the writer, which raises it
-            self._put((None, err))
+            self._put(err)
 
-    def of(self, tensor: GgufTensor) -> Iterator[np.ndarray]:
-        """The blocks of ``tensor``, which must be the next tensor in order."""
+    def next_tensor(self) -> Iterator[np.ndarray]:
+        """The blocks of the next tensor, in the order the tensors were given."""
         while True:
-            name, item = self._queue.get()
+            item = self._queue.get()
             if isinstance(item, BaseException):
                 raise item
             if item is self._END:
                 return
-            if name != tensor.name:
-                raise ConvertError(f"tensor {tensor.name}: blocks of {name} arrived out of order")
             yield item
 
     def __enter__(self) -> "_Prefetch":
@@ -168,7 +166,8 @@ def _write_blocks(writer: gguf.GGUFWriter, tensor: GgufTensor, plan: WritePlan,
     """One tensor's data, block of rows by block, as ``GGUFWriter.write_tensor_data`` lays out a
     whole tensor (pinned gguf 0.19: aligned start, the data, padding to the alignment)."""
     kind = plan.types[tensor.name]
-    # llama.cpp quantizes without the importance of a matrix it has none for, or of another shape.
+    # llama.cpp quantizes without the importance of a matrix it has none for, or of another shape
+    # (ggml would read past a shorter one).
     imatrix = (plan.imatrix or {}).get(tensor.name)
     if imatrix is not None and imatrix.size != tensor.shape[-1]:
         imatrix = None

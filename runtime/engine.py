@@ -5,30 +5,35 @@
     out = llm.generate("Tell me about the sea.", max_tokens=64)
     out.text, out.route_names, llm.stats.certified_share
 
-Per token, llama.cpp returns h_t (embeddings, pooling NONE) and the logits of the same decode;
-the NumPy recurrences run over every token, prompt included; the correction
-sigma(omega) W' o_t uses W' = the GGUF's own output matrix, dequantised once.
+    request = llm.start("Tell me about the sea.", max_tokens=64, omega="exact", origin="a sailor")
+    for token in llm.run(request): ...          # request.finish_reason, .routes, .stats after
 
-Two token loops. Greedy decoding without penalties runs a lean loop on llama-cpp-python's
-low-level API: decode, read the last logits in place, choose, decode — no copies of the
-vocabulary, no sampler objects, and in ``fast`` mode no cluster product when the base margin
-alone decides the token. Everything else (sampling, penalties, grammars) goes through
-llama-cpp-python's own generator with Omega as a ``LogitsProcessor``. Both stop at any
-end-of-generation token of the vocabulary and at the end of the context.
+The engine holds what lives as long as the model: the llama.cpp model and context, the router,
+W' (the GGUF's own output matrix, dequantised once) and the corrector. A generation is a
+:class:`~zptr.runtime.batch.Request` that owns its mode, origin term, Omega state, routes, finish
+reason and correction counts; ``n_parallel`` of them decode together in the context's sequences
+(:class:`~zptr.runtime.batch.Batcher`, the slot loop ``zptr serve`` drives). ``zptr run``, the
+benchmarks and :meth:`generate` use the same loop with one request.
 
-The Omega state lives per *position* (h_t and phi_t of each token in llama.cpp's context), not
-per request: when a KV prefix of an earlier prompt is reused, the states of those positions are
-the ones computed when they were decoded, and the new suffix continues from them. A request
-therefore always sees the same phi/delta as a fresh run of the same tokens.
+Per token llama.cpp returns h_t (embeddings, pooling NONE) and the logits of the same decode; the
+recurrences run in NumPy over the last ``tail`` prompt tokens and every generated one (the head of
+a long prompt decodes as with Omega off: see ``runtime/batch.py``), and the correction
+sigma(omega) W' o_t is added to the logits. Greedy decoding without penalties chooses in place on
+llama.cpp's logits (in ``fast`` mode no cluster product when the base margin alone decides);
+sampling runs each request's own llama.cpp sampler chain on the corrected logits.
+
+The llama-cpp-python path stays as well: :meth:`create_completion` / :meth:`create_chat_completion`
+run llama-cpp-python's own loop with Omega as a ``LogitsProcessor``. There the Omega state lives
+per *position* of llama-cpp-python's single sequence (:class:`OmegaTrack`), so its prefix cache
+and ``LlamaCache`` restore the states of reused positions. The two paths share the context, one
+at a time: switching empties it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import llama_cpp
 import numpy as np
@@ -38,46 +43,15 @@ from zptr.errors import ConfigError, OmegaModeError, ZptrError
 from zptr.formats.gguf import check_gguf_file, open_gguf, output_matrix
 from zptr.formats.sidecar import Sidecar, check_pairing, read_sidecar, sidecar_path_for
 
-from .llama import HiddenLlama, open_llama
+from .batch import (FINISH_CANCELLED, FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, Batcher, Generation,
+                    Request, Token, prompt_history, tail_length)
+from .llama import Decoder, HiddenLlama, Sampler, open_llama, token_piece
 from .omega import Corrector, CorrectionStats, OmegaRouter, recurrences
-from .sampling import SamplingSettings
+from .sampling import PENALTY_WINDOW, SamplingSettings
 
 OMEGA_MODES = ("auto", "off", "exact", "fast")
-FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT = "stop", "length", "context"
-
-
-class Token(NamedTuple):
-    id: int
-    piece: str  # its text (empty while a multi-byte character is incomplete)
-    route: Optional[int]  # cluster index, None with Omega off
-
-
-@dataclass
-class Generation:
-    """One generated continuation: the same shape for the llama.cpp and the PyTorch path."""
-
-    prompt_tokens: list[int]
-    tokens: list[int] = field(default_factory=list)
-    routes: list[int] = field(default_factory=list)  # cluster index per generated token
-    pieces: list[str] = field(default_factory=list)  # text of each generated token
-    prefill_s: float = 0.0  # prompt decode up to the first sampled token
-    decode_s: float = 0.0  # every later token
-    finish_reason: str = FINISH_LENGTH  # stop (end of generation token) | length | context
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-    @property
-    def route_names(self) -> list[str]:
-        return [CLUSTERS[r] for r in self.routes]
-
-    @property
-    def decode_tps(self) -> float:
-        return (len(self.tokens) - 1) / self.decode_s if self.decode_s > 0 else 0.0
-
-    def route_histogram(self) -> dict[str, int]:
-        return {name: self.route_names.count(name) for name in CLUSTERS}
+REQUEST_MODES = OMEGA_MODES[1:]  # what one request may ask for
+DEFAULT_BATCH = 512
 
 
 def collect(prompt_tokens: list[int], stream: Iterator[Token], finish=lambda: FINISH_LENGTH) -> Generation:
@@ -205,19 +179,27 @@ class ZptrLlama:
     """A GGUF (+ Omega sidecar) on llama-cpp-python; Omega ``off | exact | fast | auto``.
 
     ``auto`` is ``fast`` when a sidecar pairs with the model (``X.omega.gguf`` next to
-    ``X.gguf``, or ``sidecar=``), else ``off``. llama.cpp options pass through (``n_ctx``,
-    ``n_threads``, ``n_gpu_layers``, ...); ``f32_kv=True`` keeps the KV cache in f32 (parity).
-    With Omega on, NumPy's BLAS is limited to ``blas_threads`` for the process (None: untouched).
+    ``X.gguf``, or ``sidecar=``), else ``off``. ``n_ctx`` is each request's context;
+    ``n_parallel`` requests decode together (the KV cache holds ``n_ctx`` tokens for each),
+    ``n_batch`` tokens at most per decode. ``cache_prompt`` lets a request reuse the KV cache of
+    the prefix it shares with what its slot held; ``pad_single_rows`` decodes a lone token beside
+    a scratch row (see :class:`~zptr.runtime.llama.Decoder`). llama.cpp options pass through (``n_threads``,
+    ``n_gpu_layers``, ...); ``f32_kv=True`` keeps the KV cache in f32 (parity). With Omega on,
+    NumPy's BLAS is limited to ``blas_threads`` for the process (None: untouched).
     """
 
     def __init__(self, model_path: Union[str, Path], *, omega: str = "auto",
                  sidecar: Optional[Union[str, Path]] = None, origin: Optional[str] = None,
-                 n_ctx: int = 2048, f32_kv: bool = False, max_candidates: int = 256,
+                 n_ctx: int = 2048, n_parallel: int = 1, n_batch: int = DEFAULT_BATCH,
+                 cache_prompt: bool = True, pad_single_rows: bool = True, f32_kv: bool = False,
+                 max_candidates: int = 256,
                  blas_threads: Optional[int] = 1, **llama_kwargs: Any):
         if omega not in OMEGA_MODES:
             raise OmegaModeError(f"omega mode {omega!r} is not one of {', '.join(OMEGA_MODES)}")
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-            raise ConfigError(f"n_ctx (-c) must be a positive integer, got {n_ctx!r}")
+        for name, value in (("n_ctx (-c)", n_ctx), ("n_parallel (-np)", n_parallel),
+                            ("n_batch (-b)", n_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.model_path = check_gguf_file(model_path)  # before its sidecar's name is derived from it
         self.sidecar: Optional[Sidecar] = self._find_sidecar(sidecar, omega)
         self.mode = ("fast" if self.sidecar else "off") if omega == "auto" else omega
@@ -231,13 +213,21 @@ class ZptrLlama:
         if on:
             llama_kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
         reader = open_gguf(self.model_path)
-        self.llm: HiddenLlama = open_llama(self.model_path, HiddenLlama, checked=reader, n_ctx=n_ctx,
-                                           **llama_kwargs)
+        self._n_ctx = n_ctx
+        self.llm: HiddenLlama = open_llama(self.model_path, HiddenLlama, checked=reader,
+                                           n_ctx=n_ctx * n_parallel + 1, n_batch=n_batch + 1,
+                                           n_ubatch=max(2, min(n_batch, DEFAULT_BATCH)),
+                                           n_seq_max=n_parallel + 1, **llama_kwargs)
         self.stats = CorrectionStats()
         self.origin_term: Optional[np.ndarray] = None
-        self.last_routes: list[int] = []
-        self.finish_reason = FINISH_LENGTH
+        self.last_routes: list[int] = []  # the llama-cpp-python path's last request
         self._vocab = self.llm._model.vocab
+        self._pieces: dict[int, bytes] = {}
+        # Sequences 0..n_parallel-1 are the slots; the next one pads single-row decodes.
+        self.decoder = Decoder(self.llm, n_batch, pad_seq=n_parallel if pad_single_rows else None)
+        self.batcher = Batcher(self, n_parallel, n_batch, cache_prompt)
+        self._user = "batch"  # who used the context last: "batch" or "llama" (llama-cpp-python)
+        self.tail: Optional[int] = None
         if on:
             if blas_threads:
                 # NumPy's BLAS threads spinning next to llama.cpp's threads after every token's
@@ -249,7 +239,9 @@ class ZptrLlama:
             self.router = OmegaRouter(self.sidecar.tensors, self.sidecar.config)
             self.corrector = Corrector(output_matrix(reader), self.router.gate, max_candidates)
             self.stats = self.corrector.stats
-            self.track = OmegaTrack(self.llm.n_ctx(), self.llm.n_embd(), self.sidecar.config.phase_decay)
+            self.phase_decay = self.sidecar.config.phase_decay
+            self.tail = tail_length(self.phase_decay)
+            self.track = OmegaTrack(self.llm.n_ctx(), self.llm.n_embd(), self.phase_decay)
             self.llm.hidden_listener = self.track.write
             self.llm.state_hooks = (self.track.snapshot, self.track.restore)
             self.set_origin(origin)
@@ -268,37 +260,31 @@ class ZptrLlama:
     # ---------------------------------------------------------------- setup
     @property
     def omega_on(self) -> bool:
-        """Whether the current request corrects logits with Omega."""
+        """Whether requests correct logits with Omega unless they ask otherwise."""
         return self.mode != "off"
 
     @property
     def has_omega(self) -> bool:
-        """Whether a sidecar is loaded (h_t of every position is tracked, any mode can run)."""
+        """Whether a sidecar is loaded (h_t is available, any mode can run)."""
         return self.sidecar is not None and self.mode_at_load != "off"
 
-    @contextlib.contextmanager
-    def request(self, omega: Optional[str] = None, origin: Optional[str] = None) -> Iterator[None]:
-        """One request's Omega mode (off | exact | fast; None: the engine's) and origin text
-        (None: the engine's), restored afterwards."""
-        if omega is not None and omega not in OMEGA_MODES[1:]:
-            raise OmegaModeError(f"omega mode {omega!r} is not one of {', '.join(OMEGA_MODES[1:])}")
+    def request_mode(self, omega: Optional[str] = None, origin: Optional[str] = None) -> str:
+        """The Omega mode a request runs in (None: the engine's), refused when it cannot run."""
+        if omega is not None and omega not in REQUEST_MODES:
+            raise OmegaModeError(f"omega mode {omega!r} is not one of {', '.join(REQUEST_MODES)}")
         if (omega not in (None, "off") or origin) and not self.has_omega:
             raise OmegaModeError("this model runs without Omega (no sidecar, or started with omega "
                                  "off): a request cannot turn it on")
-        mode, origin_term = self.mode, self.origin_term
-        try:
-            self.mode = omega or self.mode
-            if origin:
-                self.origin_term = self.router.origin_term(self.origin_signature(origin))
-            yield
-        finally:
-            self.mode, self.origin_term = mode, origin_term
+        return omega or self.mode
 
     @property
     def n_ctx(self) -> int:
-        # The context asked for: llama.cpp pads its own to a multiple of 256, but llama-cpp-python
-        # sizes its token buffers by the request, so a prompt past it would overrun them.
-        return min(self.llm.context_params.n_ctx, self.llm.n_ctx())
+        """Each request's context (llama.cpp pads its own size; the request's is what was asked)."""
+        return min(self._n_ctx, self.llm.n_ctx())
+
+    @property
+    def n_parallel(self) -> int:
+        return self.batcher.n_slots
 
     @property
     def chat_template(self) -> Optional[str]:
@@ -308,6 +294,13 @@ class ZptrLlama:
         """Token ids as llama.cpp makes them (BOS as the model's metadata asks)."""
         return self.llm.tokenize(_utf8(text), add_bos=True, special=special)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token's text (a multi-byte character may span several tokens)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = token_piece(self._vocab, token)
+        return piece
+
     def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The messages through the GGUF's own chat template (as llama-cli's conversation mode)."""
         from jinja2 import TemplateError
@@ -316,7 +309,7 @@ class ZptrLlama:
         template = self.chat_template
         if not template:
             raise ConfigError(f"{self.model_path.name} carries no chat template: use plain completion")
-        piece = lambda token: self.llm.detokenize([token]).decode("utf-8", "replace")  # noqa: E731
+        piece = lambda token: self.token_bytes(token).decode("utf-8", "replace")  # noqa: E731
         formatter = Jinja2ChatFormatter(template, eos_token=piece(self.llm.token_eos()),
                                         bos_token=piece(self.llm.token_bos()),
                                         add_generation_prompt=add_generation_prompt)
@@ -328,17 +321,22 @@ class ZptrLlama:
         return self.llm.tokenize(_utf8(prompt), add_bos=False, special=True)
 
     def origin_signature(self, text: Optional[str]) -> Optional[np.ndarray]:
-        """s: the mean of h_t over the origin text's tokens (None without a text)."""
+        """s: the mean of h_t over the origin text's tokens (None without a text), decoded in a
+        free slot beside whatever else runs."""
         if not text:
             return None
+        if not self.has_omega:
+            raise OmegaModeError("an origin needs Omega on (a sidecar)")
         tokens = self.tokenize(text, special=False)
         self.check_prompt(tokens, generating=False)
-        hidden, _ = self.llm.decode_all(tokens)
-        self.track.filled = 0  # decode_all emptied the context
-        return hidden.mean(0)
+        self._use("batch")
+        free = [seq for seq, holder in enumerate(self.batcher.slots) if holder is None]
+        if not free:
+            raise ZptrError(f"all {self.n_parallel} slots are busy: no room to read an origin text")
+        return self.batcher.mean_hidden(tokens, free[-1])
 
     def set_origin(self, text: Optional[str] = None, signature: Optional[np.ndarray] = None) -> None:
-        """The origin of the following requests, as a text or a ready signature s."""
+        """The default origin of the following requests, as a text or a ready signature s."""
         if not self.omega_on:
             if text or signature is not None:
                 raise OmegaModeError("an origin needs Omega on (a sidecar); got --omega off")
@@ -371,19 +369,121 @@ class ZptrLlama:
         """Whether ``token`` ends generation (EOS, end-of-turn, ... as the vocabulary says)."""
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
+    # ---------------------------------------------------------------- requests
+    def start(self, prompt: Union[str, Sequence[int]], settings: Optional[SamplingSettings] = None, *,
+              omega: Optional[str] = None, origin: Optional[str] = None,
+              origin_signature: Optional[np.ndarray] = None, **sampling: Any) -> Request:
+        """A new request, checked (prompt, settings, mode, origin) but not yet scheduled: give it
+        to :meth:`run` (or ``batcher.add`` in a slot loop of your own). ``sampling`` are
+        :class:`SamplingSettings` fields; ``omega`` / ``origin`` default to the engine's."""
+        settings = settings or SamplingSettings(**sampling)
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(tokens)
+        self.check_settings(settings)
+        mode = self.request_mode(omega, origin)
+        origin_term = None
+        if mode != "off":
+            if origin_signature is None and origin:
+                origin_signature = self.origin_signature(origin)
+            origin_term = (self.router.origin_term(origin_signature) if origin_signature is not None
+                           else self.origin_term if self.origin_term is not None
+                           else self.router.origin_term(None))
+        sampler = None
+        if not settings.greedy or settings.penalized:
+            sampler = Sampler(self.llm.n_vocab(), temperature=settings.temperature,
+                              top_k=settings.top_k, top_p=settings.top_p, min_p=settings.min_p,
+                              repeat_penalty=settings.repeat_penalty,
+                              frequency_penalty=settings.frequency_penalty,
+                              presence_penalty=settings.presence_penalty,
+                              penalty_window=PENALTY_WINDOW, seed=settings.seed)
+            for token in prompt_history(tokens):
+                sampler.accept(token)
+        return Request(tokens, settings, mode, origin_term, self.tail, sampler)
+
+    def run(self, request: Request) -> Iterator[Token]:
+        """``request`` 's tokens as they come (scheduled now if it is not yet)."""
+        self._use("batch")
+        return self.batcher.drive(request)
+
+    def stream(self, prompt: Union[str, Sequence[int]], settings: Optional[SamplingSettings] = None,
+               **options: Any) -> Iterator[Token]:
+        """The generated tokens with their text and route, as they come (:meth:`start`'s
+        arguments). The text held back at the end is the request's ``tail``: use :meth:`start`
+        and :meth:`run` to read it and the finish reason."""
+        return self.run(self.start(prompt, settings, **options))
+
+    def generate(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128,
+                 **options: Any) -> Generation:
+        """Generate ``max_tokens`` (or up to the end) with timings split into prefill and decode."""
+        request = self.start(prompt, max_tokens=max_tokens, **options)
+        for _ in self.run(request):
+            pass
+        return request.result()
+
+    # ---------------------------------------------------------------- the math of one row
+    def choose_greedy(self, logits: np.ndarray, mode: str, routed, stats: CorrectionStats) -> int:
+        """The greedy token of one row: argmax of the base logits with Omega off; with Omega the
+        argmax of the corrected ones (``fast``: certified by the norm bound, often before o_t is
+        computed). ``routed`` = (routing of the step, this row's index in it)."""
+        if routed is None:
+            return int(np.argmax(logits))
+        routing, k = routed
+        corrector = self.corrector
+        if mode == "fast":
+            token = corrector.greedy_before_output(logits, routing.output_bound(k, self.router.hidden_size),
+                                                   stats)
+            if token is not None:
+                return token
+            return int(np.argmax(corrector.fast(logits, routing.output(k), 1, stats)))
+        return corrector.exact_choice(logits, routing.output(k), stats)
+
+    def correct(self, logits: np.ndarray, mode: str, routed, keep: Optional[int],
+                stats: CorrectionStats) -> np.ndarray:
+        """One row's corrected logits for a sampler: exact, or ``fast`` (whose top ``keep``
+        tokens and their values equal the exact mode's; None: unbounded, so exact)."""
+        routing, k = routed
+        if mode == "fast" and keep is not None:
+            return self.corrector.fast(logits, routing.output(k), keep, stats)
+        return self.corrector.exact(logits, routing.output(k), stats)
+
+    # ---------------------------------------------------------------- the shared context
+    def _use(self, user: str) -> None:
+        """Hand the context to the batched loop or to llama-cpp-python's: emptied on a switch."""
+        if user == self._user:
+            return
+        if user == "llama" and self.batcher.busy:
+            raise ZptrError(f"{self.batcher.busy} requests are running in the batched loop")
+        self.reset()
+        self._user = user
+
+    def reset(self) -> None:
+        """Forget the context: the next prompt is decoded from scratch. llama.cpp's logits of a
+        prompt decoded in one batch differ (by up to ~1 logit on the bundled Q4 SmolLM2) from
+        those of a reused prefix plus a suffix decoded apart, which can flip a greedy choice; a
+        reset before each request makes its answer depend on that request alone."""
+        if self.batcher.busy:
+            raise ZptrError(f"{self.batcher.busy} requests are running: cannot empty the context")
+        self.llm.reset()
+        self.decoder.forget(-1)
+        self.decoder.restore_embeddings()
+        self.batcher.invalidate()
+        if self.has_omega:
+            self.track.filled = 0
+
+    # ---------------------------------------------------------------- llama-cpp-python API
     def route_position(self, position: int):
-        """The Omega routing of one decoded position."""
+        """The Omega routing of one position of llama-cpp-python's sequence."""
         h, phi, delta = self.track.at(position)
         return self.router.route(h, phi, delta, self.origin_term)
 
     def logits_processor(self, keep: Optional[int] = 1, logit_bias: Optional[dict] = None
                          ) -> OmegaLogitsProcessor:
         """A fresh processor for one request (route tags start empty)."""
+        self._use("llama")
         processor = OmegaLogitsProcessor(self, keep, logit_bias)
         self.last_routes = processor.routes
         return processor
 
-    # ---------------------------------------------------------------- llama-cpp-python API
     def _with_processor(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         settings = SamplingSettings(**{key: kwargs[key] for key in (
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
@@ -402,147 +502,28 @@ class ZptrLlama:
     def create_chat_completion(self, messages: list[dict], **kwargs: Any):
         return self.llm.create_chat_completion(messages, **self._with_processor(kwargs))
 
-    def reset(self) -> None:
-        """Forget the context: the next prompt is decoded from scratch. llama.cpp's logits of a
-        prompt decoded in one batch differ (by up to ~1 logit on the bundled Q4 SmolLM2) from
-        those of a reused prefix plus a suffix decoded apart, which can flip a greedy choice; a
-        reset before each request makes its answer depend on that request alone."""
-        self.llm.reset()
-        if self.has_omega:
-            self.track.filled = 0
-
-    # ---------------------------------------------------------------- token loops
-    def _reuse_prefix(self, tokens: list[int]) -> list[int]:
-        """Keep the KV cache (and Omega states) of the longest prefix shared with the last
-        context; the returned suffix (at least one token, for fresh logits) is left to decode."""
-        llm = self.llm
-        shared = 0
-        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens):
-            if a != b:
-                break
-            shared += 1
-        shared = min(shared, len(tokens) - 1)
-        if self.has_omega:
-            shared = min(shared, self.track.filled)
-        if shared <= 0 or not llm._ctx.kv_cache_seq_rm(-1, shared, -1):
-            llm.reset()
-            return tokens
-        llm.n_tokens = shared
-        return tokens[shared:]
-
-    def _last_logits(self) -> np.ndarray:
-        """The logits of the last decoded token, read in place (valid until the next decode)."""
-        pointer = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),))
-
-    def _choose_greedy(self, position: int, logits: np.ndarray) -> tuple[int, Optional[int]]:
-        if not self.omega_on:
-            return int(np.argmax(logits)), None
-        routing = self.route_position(position)
-        route = int(routing.routes[0])
-        if self.mode == "fast":
-            token = self.corrector.greedy_before_output(logits, routing.output_bound(0, self.router.hidden_size))
-            if token is not None:
-                return token, route
-            return int(np.argmax(self.corrector.fast(logits, routing.outputs[0], 1))), route
-        return self.corrector.exact_choice(logits, routing.outputs[0]), route
-
-    def _greedy_ids(self, tokens: list[int], settings: SamplingSettings, routes: list[int]) -> Iterator[int]:
-        """The lean loop: decode, choose in place, decode."""
-        llm = self.llm
-        llm.eval(self._reuse_prefix(tokens))
-        for count in range(settings.max_tokens):
-            logits = _add_bias(self._last_logits(), settings.logit_bias)
-            token, route = self._choose_greedy(llm.n_tokens - 1, logits)
-            if self.is_end(token) and not settings.ignore_eos:
-                self.finish_reason = FINISH_STOP
-                return
-            if route is not None:
-                routes.append(route)
-            yield token
-            if count + 1 == settings.max_tokens:
-                return
-            if llm.n_tokens >= self.n_ctx:
-                self.finish_reason = FINISH_CONTEXT
-                return
-            llm.eval([token])
-
-    def _sampled_ids(self, tokens: list[int], settings: SamplingSettings,
-                     processor: OmegaLogitsProcessor) -> Iterator[int]:
-        """llama-cpp-python's generator with Omega (and the logit bias) as its logits processor."""
-        llm = self.llm
-        # No seed: llama.cpp draws a fresh one (LLAMA_DEFAULT_SEED), rather than reusing the last
-        # request's seed that llama-cpp-python keeps (one request's seed would fix the next's draws).
-        llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if settings.seed is None else settings.seed)
-        processors = llama_cpp.LogitsProcessorList([processor])
-        generator = llm.generate(tokens, top_k=settings.top_k, top_p=settings.top_p,
-                                 min_p=settings.min_p, temp=settings.temperature,
-                                 repeat_penalty=settings.repeat_penalty,
-                                 presence_penalty=settings.presence_penalty,
-                                 frequency_penalty=settings.frequency_penalty,
-                                 logits_processor=processors)
-        for count, token in enumerate(generator):
-            if self.is_end(token) and not settings.ignore_eos:
-                self.finish_reason = FINISH_STOP
-                return
-            yield token
-            if count + 1 == settings.max_tokens:
-                return
-            if llm.n_tokens >= self.n_ctx:
-                self.finish_reason = FINISH_CONTEXT
-                return
-
-    def stream(self, prompt: Union[str, Sequence[int]], settings: Optional[SamplingSettings] = None,
-               **sampling: Any) -> Iterator[Token]:
-        """The generated tokens with their text and route, as they come. Stops at an
-        end-of-generation token, after ``max_tokens``, or at the end of the context;
-        :attr:`finish_reason` says which. ``sampling`` are :class:`SamplingSettings` fields."""
-        settings = settings or SamplingSettings(**sampling)
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_prompt(tokens)
-        self.check_settings(settings)
-        self.finish_reason = FINISH_LENGTH
-        if settings.max_tokens == 0:
-            return
-        if settings.greedy and not settings.penalized:
-            routes: list[int] = []
-            self.last_routes = routes
-            ids = self._greedy_ids(tokens, settings, routes)
-        else:
-            processor = self.logits_processor(settings.candidates(), settings.logit_bias)
-            routes = processor.routes
-            ids = self._sampled_ids(tokens, settings, processor)
-        previous = list(tokens)
-        for token in ids:
-            piece = self.llm.detokenize([token], prev_tokens=previous).decode("utf-8", "replace")
-            previous.append(token)
-            yield Token(token, piece, routes[-1] if self.omega_on else None)
-
-    def generate(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128,
-                 **sampling: Any) -> Generation:
-        """Generate ``max_tokens`` (or up to the end) with timings split into prefill and decode."""
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        return collect(tokens, self.stream(tokens, max_tokens=max_tokens, **sampling),
-                       lambda: self.finish_reason)
-
     # ---------------------------------------------------------------- parity / scoring
     def teacher_forced(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ZPTR logits (T, V), routes (T,), route margins (T,)) for every position of tokens.
+        """(ZPTR logits (T, V), routes (T,), route margins (T,)) for every position of tokens,
+        decoded in one batch from an empty context.
 
         The exact correction at every position (the reference the fast mode is held to).
         """
         self.check_prompt(list(tokens), generating=False)
+        self._use("llama")
         hidden, logits = self.llm.decode_all(tokens)
         if not self.omega_on:
             return logits, np.full(len(tokens), CLUSTERS.index("BASE")), np.full(len(tokens), np.inf)
         self.track.filled = 0
-        phases, deltas = recurrences(hidden, None, None, self.sidecar.config.phase_decay)
+        phases, deltas = recurrences(hidden, None, None, self.phase_decay)
         routing = self.router.route(hidden, phases, deltas, self.origin_term)
         return self.corrector.exact_rows(logits, routing.outputs), routing.routes, routing.margins
 
     def close(self) -> None:
+        self.decoder.close()
         self.llm.close()
 
 
-__all__ = ["FINISH_CONTEXT", "FINISH_LENGTH", "FINISH_STOP", "Generation", "OMEGA_MODES",
-           "OmegaLogitsProcessor", "OmegaTrack", "Token", "ZptrLlama", "collect"]
+__all__ = ["FINISH_CANCELLED", "FINISH_CONTEXT", "FINISH_LENGTH", "FINISH_STOP", "Generation",
+           "OMEGA_MODES", "OmegaLogitsProcessor", "OmegaTrack", "REQUEST_MODES", "Request", "Token",
+           "ZptrLlama", "collect"]

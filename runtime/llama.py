@@ -17,6 +17,7 @@ Facts this module relies on (checked against llama-cpp-python 0.3.36 / its llama
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 from pathlib import Path
@@ -26,7 +27,7 @@ import gguf
 import llama_cpp
 import numpy as np
 
-from zptr.errors import ModelLoadError
+from zptr.errors import ModelLoadError, ZptrError
 from zptr.formats.gguf import open_gguf
 from zptr.native_log import install as install_native_log
 
@@ -38,12 +39,14 @@ def extra_buffers_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def _model_defaults(**overrides: Any) -> Iterator[None]:
-    """Override fields of ``llama_model_default_params()`` while a Llama loads."""
+def _patched_defaults(getter: str, **overrides: Any) -> Iterator[None]:
+    """Override fields of llama.cpp's ``getter()`` defaults (``llama_model_default_params``,
+    ``llama_context_default_params``) while a Llama loads: ``llama_cpp.Llama`` offers no argument
+    for them."""
     import llama_cpp.llama as llama_module
 
     lib = llama_module.llama_cpp
-    original = lib.llama_model_default_params
+    original = getattr(lib, getter)
 
     def patched():
         params = original()
@@ -51,21 +54,21 @@ def _model_defaults(**overrides: Any) -> Iterator[None]:
             setattr(params, key, value)
         return params
 
-    with _PATCH_LOCK:
-        lib.llama_model_default_params = patched
-        try:
-            yield
-        finally:
-            lib.llama_model_default_params = original
+    setattr(lib, getter, patched)
+    try:
+        yield
+    finally:
+        setattr(lib, getter, original)
 
 
 def open_llama(model_path: Path, llama_class: Optional[type] = None,
-               checked: Optional[gguf.GGUFReader] = None, **kwargs: Any):
+               checked: Optional[gguf.GGUFReader] = None, n_seq_max: int = 1, **kwargs: Any):
     """A ``llama_cpp.Llama`` (or subclass) on ``model_path`` with the AMX workaround applied.
 
     The file is checked first (missing, a directory, not GGUF, truncated: each named), so
     llama.cpp's own load only fails on what only it can judge; ``checked`` is the caller's own
-    :func:`open_gguf` reader of it, which spares a second parse of the metadata.
+    :func:`open_gguf` reader of it, which spares a second parse of the metadata. ``n_seq_max``
+    sequences may share the context's one (unified) KV cache.
     """
     model_path = Path(model_path)
     if checked is None:
@@ -75,7 +78,8 @@ def open_llama(model_path: Path, llama_class: Optional[type] = None,
     kwargs.setdefault("verbose", False)
     overrides = {} if extra_buffers_enabled() else {"use_extra_bufts": False}
     try:
-        with _model_defaults(**overrides):
+        with _PATCH_LOCK, _patched_defaults("llama_model_default_params", **overrides), \
+                _patched_defaults("llama_context_default_params", n_seq_max=n_seq_max, kv_unified=True):
             return cls(str(model_path), **kwargs)
     except ValueError as err:  # llama-cpp-python reports a failed load as ValueError
         raise ModelLoadError(f"{model_path}: llama.cpp could not load the model ({err})") from err
@@ -172,6 +176,157 @@ class HiddenLlama(llama_cpp.Llama):
             del self._after_decode, self._outputs_all
             self.reset()
         return hidden, logits
+
+
+class Decoder:
+    """Many sequences in one llama.cpp context: one ``llama_decode`` carries tokens of several
+    ``seq_id`` s at their own positions (the unified KV cache keeps them apart).
+
+    ``decode(tokens, positions, seqs, outputs, embeddings)``: ``outputs[i]`` asks for row i's
+    logits; with ``embeddings`` on llama.cpp makes every row an output and h_t (the final norm's
+    output) of each row readable by :meth:`hidden`. The switch is per decode
+    (``llama_set_embeddings``), so rows that need no h_t pay no lm_head.
+    """
+
+    def __init__(self, llm: "HiddenLlama", capacity: int, pad_seq: Optional[int] = None):
+        self.llm, self.capacity, self.pad_seq = llm, capacity, pad_seq
+        self.ctx = llm._ctx.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_vocab, self.n_embd = llm.n_vocab(), llm.n_embd()
+        self.with_hidden = bool(llm.context_params.embeddings)  # a context made for embeddings
+        self._embeddings = self.with_hidden
+        rows = capacity + 1  # room for the pad row
+        self._batch = llama_cpp.llama_batch_init(rows, 0, 1)
+        batch = self._batch
+        self._token = np.ctypeslib.as_array(batch.token, shape=(rows,))
+        self._pos = np.ctypeslib.as_array(batch.pos, shape=(rows,))
+        self._n_seq = np.ctypeslib.as_array(batch.n_seq_id, shape=(rows,))
+        self._logits = np.ctypeslib.as_array(batch.logits, shape=(rows,))
+        self._seq = [batch.seq_id[i] for i in range(rows)]
+        self._n_seq[:] = 1
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+               outputs: Sequence[bool], embeddings: bool) -> None:
+        count = len(tokens)
+        if not 0 < count <= self.capacity:
+            raise ZptrError(f"a decode of {count} tokens (the batch holds {self.capacity})")
+        if embeddings and not self.with_hidden:
+            raise ModelLoadError("h_t needs a context opened with embedding=True")
+        if embeddings != self._embeddings:
+            llama_cpp.llama_set_embeddings(self.ctx, embeddings)
+            self._embeddings = embeddings
+        self._token[:count] = tokens
+        self._pos[:count] = positions
+        self._logits[:count] = outputs
+        for row, seq in zip(self._seq, seqs):
+            row[0] = seq
+        padded = count == 1 and self.pad_seq is not None
+        if padded:
+            # llama.cpp's one-row kernels round differently from its many-row ones (up to ~1 logit
+            # on an AVX2 CPU, measured): a second row of a scratch sequence keeps every decode on
+            # the many-row kernels, so an answer does not depend on what else was in the batch.
+            self._token[1], self._pos[1], self._logits[1] = self._token[0], 0, False
+            self._seq[1][0] = self.pad_seq
+        self._batch.n_tokens = count + padded
+        code = llama_cpp.llama_decode(self.ctx, self._batch)
+        if padded:
+            self.forget(self.pad_seq)
+        if code != 0:
+            raise ZptrError(f"llama_decode failed with code {code} ({count} tokens; "
+                            "1 means the KV cache is full)")
+
+    def logits(self, row: int) -> np.ndarray:
+        """Logits of batch row ``row`` of the last decode, a view into llama.cpp's buffer
+        (writable: a sampler chain reads what is written there; valid until the next decode)."""
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx, row)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def hidden(self, first: int, count: int) -> np.ndarray:
+        """h of batch rows first..first+count of the last decode (embeddings on), a copy."""
+        pointer = llama_cpp.llama_get_embeddings(self.ctx)
+        if not pointer:
+            raise ModelLoadError("llama.cpp returned no embeddings")
+        rows = np.ctypeslib.as_array(pointer, shape=(first + count, self.n_embd))
+        return rows[first:].copy()
+
+    def forget(self, seq: int, start: int = 0) -> None:
+        """Drop sequence ``seq`` 's cache (-1: every sequence's) from position ``start`` on."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, start, -1)
+
+    def restore_embeddings(self) -> None:
+        """Embeddings as the context was opened with (llama-cpp-python's own loop expects it)."""
+        if self._embeddings != self.with_hidden:
+            llama_cpp.llama_set_embeddings(self.ctx, self.with_hidden)
+            self._embeddings = self.with_hidden
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+
+def token_piece(vocab, token: int, special: bool = False) -> bytes:
+    """The bytes of one token's text (control tokens empty unless ``special``)."""
+    size = 64
+    while True:
+        buffer = (ctypes.c_char * size)()
+        count = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, special)
+        if count >= 0:
+            return bytes(buffer[:count])
+        size = -count  # the piece needs this many bytes
+
+
+class Sampler:
+    """One request's llama.cpp sampler chain, in llama-cpp-python's order: penalties over the last
+    ``penalty_window`` tokens, then greedy, or top-k, top-p, min-p, temperature and a seeded draw.
+
+    :meth:`sample` draws from the logits row of the last decode (after the caller has written
+    the corrected logits there) and records the token for the penalties.
+    """
+
+    def __init__(self, n_vocab: int, *, temperature: float, top_k: int, top_p: float, min_p: float,
+                 repeat_penalty: float, frequency_penalty: float, presence_penalty: float,
+                 penalty_window: int, seed: Optional[int]):
+        params = llama_cpp.llama_sampler_chain_default_params()
+        self.chain = llama_cpp.llama_sampler_chain_init(params)
+        parts = [llama_cpp.llama_sampler_init_penalties(n_vocab, penalty_window, repeat_penalty,
+                                                        frequency_penalty, presence_penalty)]
+        if temperature == 0:
+            parts.append(llama_cpp.llama_sampler_init_greedy())
+        else:
+            # No seed: llama.cpp draws a fresh one for every chain (LLAMA_DEFAULT_SEED).
+            draw = llama_cpp.LLAMA_DEFAULT_SEED if seed is None else _seed32(seed)
+            parts += [llama_cpp.llama_sampler_init_top_k(top_k),
+                      llama_cpp.llama_sampler_init_top_p(top_p, 1),
+                      llama_cpp.llama_sampler_init_min_p(min_p, 1),
+                      llama_cpp.llama_sampler_init_temp(temperature),
+                      llama_cpp.llama_sampler_init_dist(draw)]
+        for part in parts:
+            llama_cpp.llama_sampler_chain_add(self.chain, part)
+
+    def accept(self, token: int) -> None:
+        llama_cpp.llama_sampler_accept(self.chain, token)
+
+    def sample(self, decoder: Decoder, row: int) -> int:
+        return int(llama_cpp.llama_sampler_sample(self.chain, decoder.ctx, row))
+
+    def close(self) -> None:
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+def _seed32(seed: int) -> int:
+    """llama.cpp's samplers take 32-bit seeds; a larger seed folds its higher words in (so seeds
+    that differ only above bit 31 still draw differently), and the one value llama.cpp reads as
+    "draw a random seed" moves to 0."""
+    folded = 0
+    while True:
+        folded ^= seed & 0xFFFFFFFF
+        seed >>= 32
+        if not seed:
+            break
+    return 0 if folded == llama_cpp.LLAMA_DEFAULT_SEED else folded
 
 
 def teacher_logits(model_path: Path, tokens: Sequence[int], f32_kv: bool = True, threads: int = 2,

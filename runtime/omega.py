@@ -66,12 +66,18 @@ class Routing:
     routes: np.ndarray
     margins: np.ndarray
     gates: np.ndarray
-    _experts: Callable[[], np.ndarray]
+    _experts: Callable[[np.ndarray], np.ndarray]  # o_t of the given rows
 
     @cached_property
     def outputs(self) -> np.ndarray:
         """o_t for every position, (T, D)."""
-        return self._experts()
+        return self._experts(np.arange(len(self.routes)))
+
+    def output(self, row: int) -> np.ndarray:
+        """o_t of one position (D,), without the other positions' cluster products."""
+        if "outputs" in self.__dict__:
+            return self.outputs[row]
+        return self._experts(np.array([row]))[0]
 
     def output_bound(self, row: int, hidden_size: int) -> float:
         """An upper bound of ||o_row|| known before o is computed: |tanh| <= 1 per component."""
@@ -137,7 +143,7 @@ class OmegaRouter:
             weights /= weights.sum(1, keepdims=True)
             top2 = np.sort(weights, 1)[:, -2:]
             return Routing(weights.argmax(1), top2[:, 1] - top2[:, 0], np.ones(len(hidden), np.float32),
-                           lambda: self._mixed_experts(hidden, weights))
+                           lambda rows: self._mixed_experts(hidden[rows], weights[rows]))
         scores = sigmoid(self._apply(self.scores, hidden, p, delta))  # (T, 3): b, r_depth, r_phase
         above = scores > self.thresholds
         # First score above its threshold decides (BOUNDARY, DEPTH, PHASE); none: BASE.
@@ -148,7 +154,8 @@ class OmegaRouter:
         margins = np.where(examined, distance, np.inf).min(1)
         gates = np.take_along_axis(np.concatenate([scores, np.ones((len(scores), 1), np.float32)], 1),
                                    routes[:, None], 1)[:, 0]
-        return Routing(routes, margins, gates, lambda: gates[:, None] * self._experts(hidden, routes))
+        return Routing(routes, margins, gates,
+                       lambda rows: gates[rows, None] * self._experts(hidden[rows], routes[rows]))
 
     def _experts(self, hidden: np.ndarray, clusters: np.ndarray) -> np.ndarray:
         """tanh(W_k h + b_k) for cluster ``clusters[t]`` of each row t."""
@@ -229,19 +236,27 @@ class Corrector:
         self._half: Optional[HalfMatrix] = None
         self._half_checked = False
 
-    def exact(self, logits: np.ndarray, output: np.ndarray) -> np.ndarray:
-        self.stats.exact += 1
+    def _count(self, outcome: str, stats: Optional[CorrectionStats]) -> None:
+        """One correction's outcome in the engine's totals and, given, one request's own."""
+        for record in (self.stats, stats):
+            if record is not None:
+                setattr(record, outcome, getattr(record, outcome) + 1)
+
+    def exact(self, logits: np.ndarray, output: np.ndarray,
+              stats: Optional[CorrectionStats] = None) -> np.ndarray:
+        self._count("exact", stats)
         return logits + self.gate * (self.matrix @ output)
 
-    def exact_choice(self, logits: np.ndarray, output: np.ndarray) -> int:
+    def exact_choice(self, logits: np.ndarray, output: np.ndarray,
+                     stats: Optional[CorrectionStats] = None) -> int:
         """The argmax of the exactly corrected logits. The full product runs on W' in float16
         (:class:`HalfMatrix`); every token its error bound cannot rule out is recomputed in
         float32, as the fast mode computes it, and a near-tie falls back to the float32 product."""
         if not self._half_checked:
             self._half, self._half_checked = HalfMatrix.build(self.matrix, self.row_norms), True
         if self._half is None:
-            return int(np.argmax(self.exact(logits, output)))
-        self.stats.exact += 1
+            return int(np.argmax(self.exact(logits, output, stats)))
+        self._count("exact", stats)
         approx = logits + self.gate * self._half.product(output)
         bound = (self.gate * np.float32(self._half.factor * np.linalg.norm(output))) * self.row_norms
         top = int(np.argmax(approx))
@@ -260,7 +275,8 @@ class Corrector:
     def _tolerance(self, radius: float) -> float:
         return max(CERTIFY_TOLERANCE, self.rounding * radius)
 
-    def greedy_before_output(self, logits: np.ndarray, bound: float) -> Optional[int]:
+    def greedy_before_output(self, logits: np.ndarray, bound: float,
+                             stats: Optional[CorrectionStats] = None) -> Optional[int]:
         """The greedy token when the base margin alone decides it: with ||o|| <= ``bound`` known
         before o is computed, no token's correction can overtake the base argmax. None otherwise."""
         radius = self.gate * np.float32(bound)
@@ -268,11 +284,12 @@ class Corrector:
         upper = logits + radius * self.row_norms
         upper[top] = -np.inf
         if logits[top] - radius * self.row_norms[top] - self._tolerance(float(radius)) > upper.max():
-            self.stats.certified += 1
+            self._count("certified", stats)
             return top
         return None
 
-    def fast(self, logits: np.ndarray, output: np.ndarray, keep: int = 1) -> np.ndarray:
+    def fast(self, logits: np.ndarray, output: np.ndarray, keep: int = 1,
+             stats: Optional[CorrectionStats] = None) -> np.ndarray:
         """Logits whose top ``keep`` tokens and their values equal the exact mode's.
 
         Tokens outside the candidate set keep their base logit, which is below every token
@@ -281,8 +298,8 @@ class Corrector:
         logits = np.asarray(logits, np.float32)
         keep = max(1, int(keep))
         if keep > self.max_candidates:  # more tokens to certify than candidates allowed
-            self.stats.fallback += 1
-            return self.exact(logits, output)
+            self._count("fallback", stats)
+            return self.exact(logits, output, stats)
         seeds = (np.array([int(np.argmax(logits))]) if keep == 1
                  else np.argpartition(logits, -keep)[-keep:])
         shift = self.gate * (self.matrix[seeds] @ output)
@@ -292,17 +309,17 @@ class Corrector:
         upper = logits + radius * self.row_norms
         candidates = np.flatnonzero(upper >= floor - tolerance)
         if len(candidates) > self.max_candidates:
-            self.stats.fallback += 1
-            return self.exact(logits, output)
+            self._count("fallback", stats)
+            return self.exact(logits, output, stats)
         values = logits[candidates] + self.gate * (self.matrix[candidates] @ output)
         if keep == 1 and len(values) > 1:
             top2 = np.partition(values, -2)[-2:]
             if top2[1] - top2[0] <= tolerance:  # a near-tie rounding could flip
-                self.stats.fallback += 1
-                return self.exact(logits, output)
+                self._count("fallback", stats)
+                return self.exact(logits, output, stats)
         out = logits.copy()
         out[candidates] = values
-        self.stats.certified += 1
+        self._count("certified", stats)
         return out
 
 

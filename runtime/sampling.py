@@ -94,8 +94,11 @@ class SamplingSettings:
     def candidates(self) -> Optional[int]:
         """How many top tokens the sampler can draw from (after any bias), for Omega fast to
         certify: 1 greedy, top-k when sampling; None when unbounded (then fast computes exactly).
-        Penalties run after Omega and only lower logits, of at most PENALTY_WINDOW tokens: the
-        top k after them lies within the top k + PENALTY_WINDOW before them."""
+        Penalties run after Omega and (when not negative) only lower logits, of at most
+        PENALTY_WINDOW tokens: the top k after them lies within the top k + PENALTY_WINDOW before
+        them."""
+        if self.presence_penalty < 0 or self.frequency_penalty < 0:
+            return None  # a negative penalty raises tokens: any of them may climb into the top k
         if self.greedy:
             keep = 1
         elif self.top_k > 0:

@@ -64,23 +64,24 @@ def test_processor_path_equals_batch_path(exact):
 
 
 def test_fast_choice_equals_exact_on_20_prompts_64_tokens(fast, monkeypatch):
-    """At every step of fast greedy decoding (the lean loop, with its certificate before the
+    """At every step of fast greedy decoding (the lean choice, with its certificate before the
     cluster product and after it) the fast choice is the argmax of the exactly corrected logits
     of the same step: by induction fast output == exact output token for token."""
     corrector = fast.corrector
     checked = []
-    choose = fast._choose_greedy
+    choose = fast.choose_greedy
 
-    def both(position, logits):
-        token, route = choose(position, logits)
-        output = fast.route_position(position).outputs[0]
+    def both(logits, mode, routed, stats):
+        token = choose(logits, mode, routed, stats)
+        routing, k = routed
+        output = routing.output(k)
         checked.append(token == int(np.argmax(logits + corrector.gate * (corrector.matrix @ output))))
-        return token, route
+        return token
 
-    monkeypatch.setattr(fast, "_choose_greedy", both)
+    monkeypatch.setattr(fast, "choose_greedy", both)
     corrector.stats.reset()
     for prompt in PROMPTS:
-        fast.llm.reset()
+        fast.reset()
         assert len(fast.generate(prompt, 64, ignore_eos=True).tokens) == 64
     assert len(checked) == 20 * 64 and all(checked)
     stats = corrector.stats
@@ -112,19 +113,24 @@ def test_completion_chat_and_streaming(fast):
     assert sampled["usage"]["completion_tokens"] > 0
 
 
-def test_prefix_reuse_keeps_omega_state(model):
-    shared = "In a quiet village by the sea, an old fisherman told stories every night. "
-    first, second = shared + "One evening", shared + "The children"
-    llm = ZptrLlama(model, omega="exact", n_ctx=512)
-    starts = []
-    write = llm.track.write
-    llm.llm.hidden_listener = lambda start, rows: (starts.append(start), write(start, rows))
+def test_prefix_reuse_decodes_only_what_omega_needs(model):
+    """With the prompt cache a request reuses the KV cache of the prefix it shares with what its
+    slot held, up to where its Omega tail begins; the answer equals a fresh engine's."""
+    shared = " ".join(["In a quiet village by the sea, an old fisherman told stories every night."] * 20)
+    first, second = shared + " One evening", shared + " The children"
+    llm = ZptrLlama(model, omega="exact", n_ctx=1024)
+    decoded = []
+    decode = llm.decoder.decode
+    llm.decoder.decode = lambda tokens, *rest: (decoded.append(len(tokens)), decode(tokens, *rest))[1]
     llm.generate(first, 8)
-    starts.clear()
-    reused = llm.generate(second, 16)
-    assert starts[0] > 10  # llama-cpp-python decoded only the new suffix
-    fresh = ZptrLlama(model, omega="exact", n_ctx=512).generate(second, 16)
-    assert reused.tokens == fresh.tokens and reused.routes == fresh.routes
+    decoded.clear()
+    request = llm.start(second, max_tokens=16)
+    assert len(request.prompt) > llm.tail + 50
+    list(llm.run(request))
+    prompt_rows = sum(decoded) - (len(request.tokens) - 1)  # every later decode: one token
+    assert prompt_rows == llm.tail == request.hidden_rows - (len(request.tokens) - 1)
+    fresh = ZptrLlama(model, omega="exact", n_ctx=1024).generate(second, 16)
+    assert request.tokens == fresh.tokens and request.routes == fresh.routes
 
 
 def test_reset_makes_an_answer_independent_of_the_previous_request(model):
@@ -221,29 +227,25 @@ def test_sampling_candidates(temperature, top_k, repeat_penalty, expected):
 
 
 def test_request_scoped_mode_and_origin(fast, exact, tmp_path):
-    """One request's Omega mode and origin, restored afterwards (the server's per-request fields)."""
+    """One request's Omega mode and origin (the server's per-request fields) belong to that
+    request: the engine's own stay as they were."""
     prompt = fast.tokenize("The quick brown fox")
     reference = exact.generate(prompt, 12)
-    with fast.request(omega="exact"):
-        assert fast.mode == "exact"
-        assert fast.generate(prompt, 12).tokens == reference.tokens
+    assert fast.generate(prompt, 12, omega="exact").tokens == reference.tokens
     assert fast.mode == "fast"
-    with fast.request(omega="off"):
-        off = fast.generate(prompt, 12)
+    off = fast.generate(prompt, 12, omega="off")
     assert off.routes == [] and fast.generate(prompt, 12).routes  # routes again after the request
     before = fast.origin_term.copy()
-    with fast.request(origin="Completely other origin text about harbours."):
-        assert not np.array_equal(fast.origin_term, before)
+    other = fast.start(prompt, max_tokens=12, origin="Completely other origin text about harbours.")
+    assert not np.array_equal(other.origin_term, before)
     np.testing.assert_array_equal(fast.origin_term, before)
     bare = tmp_path / "bare.gguf"
     bare.symlink_to(smollm2_gguf_path())
     plain = ZptrLlama(bare, n_ctx=128)
     with pytest.raises(OmegaModeError, match="cannot turn it on"):
-        with plain.request(omega="fast"):
-            pass
+        plain.start(prompt, omega="fast")
     with pytest.raises(OmegaModeError, match="not one of"):
-        with fast.request(omega="auto"):
-            pass
+        fast.start(prompt, omega="auto")
 
 
 def test_logit_bias_outside_the_vocabulary_is_refused(fast):

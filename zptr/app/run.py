@@ -14,7 +14,7 @@ from typing import Optional, TextIO
 
 from ..config import CLUSTERS
 from ..errors import ConfigError
-from ..runtime.engine import FINISH_CONTEXT, FINISH_STOP, OMEGA_MODES, Generation, ZptrLlama, collect
+from ..runtime.engine import FINISH_CONTEXT, FINISH_STOP, OMEGA_MODES, Generation, ZptrLlama
 from ..runtime.sampling import SamplingSettings
 from .args import add_threads, threads
 
@@ -64,13 +64,12 @@ def _render(piece: str, route: Optional[int], args: argparse.Namespace) -> str:
 
 def _emit(llm: ZptrLlama, tokens: list[int], settings: SamplingSettings, args: argparse.Namespace,
           out: TextIO) -> Generation:
-    def echoed():
-        for token in llm.stream(tokens, settings):
-            out.write(_render(token.piece, token.route, args))
-            out.flush()
-            yield token
-
-    return collect(tokens, echoed(), lambda: llm.finish_reason)
+    request = llm.start(tokens, settings)
+    for token in llm.run(request):
+        out.write(_render(token.piece, token.route, args))
+        out.flush()
+    out.write(request.tail)  # what was held back to the end (an unfinished character)
+    return request.result()
 
 
 def _notices(llm: ZptrLlama, result: Generation, err: TextIO) -> None:

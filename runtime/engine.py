@@ -182,8 +182,7 @@ class ZptrLlama:
     ``X.gguf``, or ``sidecar=``), else ``off``. ``n_ctx`` is each request's context;
     ``n_parallel`` requests decode together (the KV cache holds ``n_ctx`` tokens for each),
     ``n_batch`` tokens at most per decode. ``cache_prompt`` lets a request reuse the KV cache of
-    the prefix it shares with what its slot held; ``pad_single_rows`` decodes a lone token beside
-    a scratch row (see :class:`~zptr.runtime.llama.Decoder`). llama.cpp options pass through (``n_threads``,
+    the prefix it shares with what its slot held. llama.cpp options pass through (``n_threads``,
     ``n_gpu_layers``, ...); ``f32_kv=True`` keeps the KV cache in f32 (parity). With Omega on,
     NumPy's BLAS is limited to ``blas_threads`` for the process (None: untouched).
     """
@@ -191,8 +190,7 @@ class ZptrLlama:
     def __init__(self, model_path: Union[str, Path], *, omega: str = "auto",
                  sidecar: Optional[Union[str, Path]] = None, origin: Optional[str] = None,
                  n_ctx: int = 2048, n_parallel: int = 1, n_batch: int = DEFAULT_BATCH,
-                 cache_prompt: bool = True, pad_single_rows: bool = True, f32_kv: bool = False,
-                 max_candidates: int = 256,
+                 cache_prompt: bool = True, f32_kv: bool = False, max_candidates: int = 256,
                  blas_threads: Optional[int] = 1, **llama_kwargs: Any):
         if omega not in OMEGA_MODES:
             raise OmegaModeError(f"omega mode {omega!r} is not one of {', '.join(OMEGA_MODES)}")
@@ -210,21 +208,25 @@ class ZptrLlama:
                                  f"({'--omega off' if omega == 'off' else 'no sidecar found'})")
         if f32_kv:
             llama_kwargs.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+        # Flash attention (llama-server's default where it runs) skips the masked cells of the
+        # other sequences instead of summing their zeros: a request's answer is then bit for bit
+        # the same alone and among others. Without it the unified cache's interleaved cells change
+        # the rounding, by up to ~1 logit on the bundled model (measured).
+        llama_kwargs.setdefault("flash_attn", True)
         if on:
             llama_kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
         reader = open_gguf(self.model_path)
         self._n_ctx = n_ctx
         self.llm: HiddenLlama = open_llama(self.model_path, HiddenLlama, checked=reader,
-                                           n_ctx=n_ctx * n_parallel + 1, n_batch=n_batch + 1,
-                                           n_ubatch=max(2, min(n_batch, DEFAULT_BATCH)),
-                                           n_seq_max=n_parallel + 1, **llama_kwargs)
+                                           n_ctx=n_ctx * n_parallel, n_batch=n_batch,
+                                           n_ubatch=min(n_batch, DEFAULT_BATCH), n_seq_max=n_parallel,
+                                           **llama_kwargs)
         self.stats = CorrectionStats()
         self.origin_term: Optional[np.ndarray] = None
         self.last_routes: list[int] = []  # the llama-cpp-python path's last request
         self._vocab = self.llm._model.vocab
         self._pieces: dict[int, bytes] = {}
-        # Sequences 0..n_parallel-1 are the slots; the next one pads single-row decodes.
-        self.decoder = Decoder(self.llm, n_batch, pad_seq=n_parallel if pad_single_rows else None)
+        self.decoder = Decoder(self.llm, n_batch)  # one sequence per slot
         self.batcher = Batcher(self, n_parallel, n_batch, cache_prompt)
         self._user = "batch"  # who used the context last: "batch" or "llama" (llama-cpp-python)
         self.tail: Optional[int] = None

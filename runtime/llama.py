@@ -61,14 +61,35 @@ def _patched_defaults(getter: str, **overrides: Any) -> Iterator[None]:
         setattr(lib, getter, original)
 
 
+@contextlib.contextmanager
+def _sequences(n_seq_max: int) -> Iterator[None]:
+    """Contexts made meanwhile hold ``n_seq_max`` sequences in one unified KV cache of ``n_ctx``
+    cells (as llama-server's). llama-cpp-python sets both fields itself (with embeddings: up to
+    256 sequences) just before it creates the context, so they are set at the creation call."""
+    import llama_cpp._internals as internals
+
+    lib = internals.llama_cpp
+    original = lib.llama_init_from_model
+
+    def create(model, params):
+        params.n_seq_max, params.kv_unified = n_seq_max, True
+        return original(model, params)
+
+    lib.llama_init_from_model = create
+    try:
+        yield
+    finally:
+        lib.llama_init_from_model = original
+
+
 def open_llama(model_path: Path, llama_class: Optional[type] = None,
                checked: Optional[gguf.GGUFReader] = None, n_seq_max: int = 1, **kwargs: Any):
     """A ``llama_cpp.Llama`` (or subclass) on ``model_path`` with the AMX workaround applied.
 
     The file is checked first (missing, a directory, not GGUF, truncated: each named), so
     llama.cpp's own load only fails on what only it can judge; ``checked`` is the caller's own
-    :func:`open_gguf` reader of it, which spares a second parse of the metadata. ``n_seq_max``
-    sequences may share the context's one (unified) KV cache.
+    :func:`open_gguf` reader of it, which spares a second parse of the metadata. The context
+    holds ``n_seq_max`` sequences in one unified cache of ``n_ctx`` tokens.
     """
     model_path = Path(model_path)
     if checked is None:
@@ -79,7 +100,7 @@ def open_llama(model_path: Path, llama_class: Optional[type] = None,
     overrides = {} if extra_buffers_enabled() else {"use_extra_bufts": False}
     try:
         with _PATCH_LOCK, _patched_defaults("llama_model_default_params", **overrides), \
-                _patched_defaults("llama_context_default_params", n_seq_max=n_seq_max, kv_unified=True):
+                _sequences(n_seq_max):
             return cls(str(model_path), **kwargs)
     except ValueError as err:  # llama-cpp-python reports a failed load as ValueError
         raise ModelLoadError(f"{model_path}: llama.cpp could not load the model ({err})") from err
@@ -188,21 +209,20 @@ class Decoder:
     (``llama_set_embeddings``), so rows that need no h_t pay no lm_head.
     """
 
-    def __init__(self, llm: "HiddenLlama", capacity: int, pad_seq: Optional[int] = None):
-        self.llm, self.capacity, self.pad_seq = llm, capacity, pad_seq
+    def __init__(self, llm: "HiddenLlama", capacity: int):
+        self.llm, self.capacity = llm, capacity
         self.ctx = llm._ctx.ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab, self.n_embd = llm.n_vocab(), llm.n_embd()
         self.with_hidden = bool(llm.context_params.embeddings)  # a context made for embeddings
         self._embeddings = self.with_hidden
-        rows = capacity + 1  # room for the pad row
-        self._batch = llama_cpp.llama_batch_init(rows, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
         batch = self._batch
-        self._token = np.ctypeslib.as_array(batch.token, shape=(rows,))
-        self._pos = np.ctypeslib.as_array(batch.pos, shape=(rows,))
-        self._n_seq = np.ctypeslib.as_array(batch.n_seq_id, shape=(rows,))
-        self._logits = np.ctypeslib.as_array(batch.logits, shape=(rows,))
-        self._seq = [batch.seq_id[i] for i in range(rows)]
+        self._token = np.ctypeslib.as_array(batch.token, shape=(capacity,))
+        self._pos = np.ctypeslib.as_array(batch.pos, shape=(capacity,))
+        self._n_seq = np.ctypeslib.as_array(batch.n_seq_id, shape=(capacity,))
+        self._logits = np.ctypeslib.as_array(batch.logits, shape=(capacity,))
+        self._seq = [batch.seq_id[i] for i in range(capacity)]
         self._n_seq[:] = 1
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
@@ -220,17 +240,8 @@ class Decoder:
         self._logits[:count] = outputs
         for row, seq in zip(self._seq, seqs):
             row[0] = seq
-        padded = count == 1 and self.pad_seq is not None
-        if padded:
-            # llama.cpp's one-row kernels round differently from its many-row ones (up to ~1 logit
-            # on an AVX2 CPU, measured): a second row of a scratch sequence keeps every decode on
-            # the many-row kernels, so an answer does not depend on what else was in the batch.
-            self._token[1], self._pos[1], self._logits[1] = self._token[0], 0, False
-            self._seq[1][0] = self.pad_seq
-        self._batch.n_tokens = count + padded
+        self._batch.n_tokens = count
         code = llama_cpp.llama_decode(self.ctx, self._batch)
-        if padded:
-            self.forget(self.pad_seq)
         if code != 0:
             raise ZptrError(f"llama_decode failed with code {code} ({count} tokens; "
                             "1 means the KV cache is full)")

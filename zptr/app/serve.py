@@ -2,8 +2,9 @@
 llama-server: ``--host``, ``--port`` 8080, ``-c``, ``-t``, ``-ngl``, ``--api-key``, ``-a/--alias``).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus) and the chat page at ``/``. One request runs at a
-time; ``--queue N`` more may wait (beyond that: 503 with Retry-After). ``--port 0`` picks a free
+``GET /health``, ``GET /metrics`` (Prometheus) and the chat page at ``/``. ``-np N`` requests
+decode together (continuous batching); ``--queue N`` more may wait for a slot (beyond that: 503
+with Retry-After). ``--port 0`` picks a free
 port; the line printed at start-up names the address actually bound.
 """
 
@@ -16,10 +17,11 @@ import socket
 from pathlib import Path
 
 from ..errors import ConfigError, Interrupted, ZptrError
-from ..runtime.engine import OMEGA_MODES, ZptrLlama
+from ..runtime.engine import DEFAULT_BATCH, OMEGA_MODES, ZptrLlama
 from .args import add_threads, threads
 
 DEFAULT_QUEUE = 16
+DEFAULT_PARALLEL = 4  # as llama-server, Ollama and LM Studio
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("ZPTR_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* and /metrics "
                              "(default: $ZPTR_API_KEY; none: open)")
+    parser.add_argument("-np", "--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
+                        help=f"slots: requests decoded together (default {DEFAULT_PARALLEL}); each "
+                             "holds -c tokens of KV cache")
+    parser.add_argument("-b", "--batch-size", type=int, default=DEFAULT_BATCH, metavar="N",
+                        help=f"tokens per decode step, prompt chunks included (default {DEFAULT_BATCH})")
     parser.add_argument("--cache-prompt", action="store_true",
-                        help="reuse the KV cache of the prefix a prompt shares with the last request "
-                             "(faster long chats; a greedy answer may then depend on the requests before "
-                             "it by a flipped near-tie); default: every request decodes from scratch")
+                        help="a slot reuses the KV cache of the prefix a prompt shares with its last "
+                             "request (faster long chats; a greedy answer may then depend on the requests "
+                             "before it by a flipped near-tie); default: every request decodes from scratch")
     parser.add_argument("--queue", type=int, default=DEFAULT_QUEUE, metavar="N",
                         help=f"requests that may wait for the model (default {DEFAULT_QUEUE}); "
                              "one more gets 503 with Retry-After")
@@ -84,17 +91,17 @@ def main(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)
     try:
         llm = ZptrLlama(args.model, omega=args.omega, sidecar=args.sidecar, origin=args.origin,
-                        n_ctx=args.ctx_size, n_threads=n_threads, n_threads_batch=n_threads,
+                        n_ctx=args.ctx_size, n_parallel=args.parallel, n_batch=args.batch_size,
+                        cache_prompt=args.cache_prompt, n_threads=n_threads, n_threads_batch=n_threads,
                         n_gpu_layers=args.n_gpu_layers)
         try:
             name = args.alias or Path(args.model).name.removesuffix(".gguf")
-            app = create_app(llm, model_name=name, api_key=args.api_key, queue_size=args.queue,
-                             cache_prompt=args.cache_prompt)
+            app = create_app(llm, model_name=name, api_key=args.api_key, queue_size=args.queue)
             sock.listen(128)
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             print(f"zptr serve: http://{shown}:{port}/ (model {name}, omega {llm.mode}, context "
-                  f"{llm.n_ctx} tokens, queue {args.queue}"
+                  f"{llm.n_ctx} tokens, {args.parallel} slots, queue {args.queue}"
                   f"{', API key required' if args.api_key else ''})", flush=True)
             config = uvicorn.Config(app, log_level="info" if args.verbose else "warning",
                                     access_log=args.verbose, timeout_graceful_shutdown=5)

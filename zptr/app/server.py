@@ -3,13 +3,15 @@
 
     app = create_app(ZptrLlama("model.gguf"), model_name="model", api_key=None, queue_size=16)
 
-One model, one request at a time. The engine is not thread-safe and its Omega state belongs to
-the request that runs, so every request becomes a :class:`Job` for the single model thread of a
-:class:`ModelWorker`: a bounded FIFO (``queue_size`` may wait; one more gets 503 with
-Retry-After). Everything that touches the engine — chat template, tokenizer, the request's Omega
-mode and origin, generation — runs on that thread; it hands events (start, token, end, error) to
-the request's asyncio queue. A client that goes away cancels its job: a waiting job leaves the
-queue, a running one stops before its next token and the next request starts.
+One model, ``n_parallel`` requests decoding together (continuous batching, as llama-server's
+slots). The engine is not thread-safe, so every request becomes a :class:`Job` for the single
+model thread of a :class:`ModelWorker`, which runs the engine's slot loop: a job gets a slot as
+soon as one is free and joins the running ones at the next step (its prompt read in chunks
+beside their decoding); beyond the slots a bounded FIFO (``queue_size`` may wait; one more gets
+503 with Retry-After). Everything that touches the engine — chat template, tokenizer, the
+request's Omega mode and origin, generation — runs on that thread; it hands events (start, token,
+end, error) to the request's asyncio queue. A client that goes away cancels its job: a waiting
+job leaves the queue, a running one frees its slot before the next step.
 
 OpenAI's shapes, plus ZPTR's fields: requests may carry ``omega`` (off | exact | fast) and
 ``origin`` (text), and llama-server's ``top_k``, ``min_p``, ``repeat_penalty``; every choice
@@ -30,6 +32,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
@@ -45,7 +48,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import CLUSTERS
 from ..errors import ConfigError, OmegaModeError, ZptrError
 from ..runtime.engine import FINISH_STOP, ZptrLlama
-from ..runtime.sampling import SamplingSettings, StopFilter
+from ..runtime.engine import Request as EngineRequest
+from ..runtime.sampling import SamplingSettings
 
 log = logging.getLogger("zptr.serve")
 
@@ -229,42 +233,58 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     state: str = "new"  # new | waiting | running | done | dropped
+    request: Optional[EngineRequest] = None  # the engine's request, once the job has a slot
+    answered: bool = False  # its first token went out
 
     def emit(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class ModelWorker:
-    """The single model thread and its bounded FIFO of waiting jobs."""
+    """The model thread: the engine's slot loop (continuous batching) and a bounded FIFO of the
+    jobs waiting for a slot.
 
-    def __init__(self, engine: ZptrLlama, queue_size: int, metrics: "Metrics", cache_prompt: bool = False):
+    Each turn of the loop admits waiting jobs into free slots (their prompt and origin checked,
+    a request started), then runs one step of every active request together, hands each request's
+    new tokens to its job, and frees the slot of every request that finished or whose client left.
+    With nothing active it sleeps until a job arrives.
+    """
+
+    def __init__(self, engine: ZptrLlama, queue_size: int, metrics: "Metrics"):
         self.engine, self.queue_size, self.metrics = engine, queue_size, metrics
-        self.cache_prompt = cache_prompt
-        self._jobs: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
+        self.batcher = engine.batcher
+        self._arrivals: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
+        self._waiting: deque[Job] = deque()  # arrived, not yet admitted (model thread only)
         self._lock = threading.Lock()
         self.waiting = 0
-        self.running: Optional[Job] = None
+        self.running: list[Job] = []
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="zptr-model", daemon=True)
         self._thread.start()
 
     @property
     def busy(self) -> bool:
-        return self.running is not None
+        return bool(self.running)
+
+    @property
+    def slots(self) -> int:
+        return self.batcher.n_slots
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``, or refuse it with 503 when ``queue_size`` jobs already wait."""
+        """Queue ``job``, or refuse it with 503 when every slot is busy and ``queue_size`` jobs
+        already wait."""
         with self._lock:
-            if self.waiting + (self.running is not None) > self.queue_size:
-                raise ApiError(503, f"the server is busy: {self.waiting} requests are waiting for the "
-                               f"model (--queue {self.queue_size}); retry later", code="queue_full",
-                               headers={"Retry-After": str(RETRY_AFTER_S)})
+            if self.waiting + len(self.running) >= self.queue_size + self.slots:
+                raise ApiError(503, f"the server is busy: {self.waiting} requests are waiting for a "
+                               f"slot ({self.slots} slots, --queue {self.queue_size}); retry later",
+                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
             self.waiting += 1
             job.state = "waiting"
-        self._jobs.put(job)
+        self._arrivals.put(job)
 
     def cancel(self, job: Job) -> None:
-        """The client went away: a waiting job leaves the queue now, a running one stops before
-        its next token."""
+        """The client went away: a waiting job leaves the queue now, a running one frees its slot
+        before the next step."""
         job.cancelled.set()
         with self._lock:
             if job.state != "waiting":
@@ -276,90 +296,79 @@ class ModelWorker:
                                    code="client_closed_request"))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job and end the thread (server shutdown)."""
-        with self._lock:
-            if self.running is not None:
-                self.running.cancelled.set()
-        self._jobs.put(None)
+        """End every running job with a final event and the thread (server shutdown)."""
+        self._stopping = True
+        self._arrivals.put(None)
         self._thread.join(timeout)
 
+    # ---------------------------------------------------------------- the loop
     def _loop(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
+            idle = not self.running
+            try:
+                job = self._arrivals.get() if idle and not self._waiting else self._arrivals.get_nowait()
+            except queue.Empty:
+                job = None
+            else:
+                if job is None:  # stop
+                    self._shutdown()
+                    return
+                self._waiting.append(job)
+                continue  # take every arrival before the next step
+            self._admit()
+            self._drop_cancelled()
+            if not self.running:
+                continue
+            try:
+                touched = self.batcher.step()
+            except Exception as err:  # a bug in the step: every running job hears of it
+                log.exception("zptr serve: internal error in a decode step")
+                for running in list(self.running):
+                    self._fail(running, _internal(err))
+                continue
+            self.metrics.batch_tokens.observe(self.batcher.last_batch)
+            for request in touched:
+                self._deliver(request.owner)
+
+    def _admit(self) -> None:
+        while self._waiting and self.batcher.has_room:
+            job = self._waiting.popleft()
             with self._lock:
                 if job.state != "waiting":
                     continue  # cancelled while it waited
                 job.state = "running"
                 self.waiting -= 1
-                self.running = job
             try:
-                self._run(job)
+                job.request = request = self._start(job)
             except ApiError as err:
-                job.emit("error", err)
-            except ZptrError as err:  # bad input found while generating
-                job.emit("error", ApiError(400, str(err), param=_param_of(str(err))))
-            except Exception as err:  # a bug: logged here, one line to the client, thread lives on
-                log.exception("zptr serve: internal error in a generation")
-                job.emit("error", ApiError(500, f"internal error (a bug): {type(err).__name__}: "
-                                           f"{str(err).splitlines()[0] if str(err) else ''}"))
-            finally:
-                with self._lock:
-                    job.state = "done"
-                    self.running = None
+                self._fail(job, err, running=False)
+                continue
+            except ZptrError as err:
+                self._fail(job, ApiError(400, str(err), param=_param_of(str(err))), running=False)
+                continue
+            except Exception as err:
+                log.exception("zptr serve: internal error starting a generation")
+                self._fail(job, _internal(err), running=False)
+                continue
+            request.owner = job
+            self.batcher.add(request)
+            self.running.append(job)
+            job.emit("start", len(request.prompt), request.mode)
+            if request.done:  # max_tokens 0
+                self._deliver(job)
 
-    def _run(self, job: Job) -> None:
-        engine, settings, metrics = self.engine, job.settings, self.metrics
-        with contextlib.ExitStack() as scope:
+    def _start(self, job: Job) -> EngineRequest:
+        engine = self.engine
+        try:
+            engine.request_mode(job.omega, job.origin)
+        except OmegaModeError as err:
+            raise ApiError(400, str(err), param="omega" if job.omega else "origin") from None
+        signature = None
+        if job.origin:
             try:
-                scope.enter_context(engine.request(omega=job.omega, origin=job.origin))
-            except OmegaModeError as err:
-                raise ApiError(400, str(err), param="omega" if job.omega else "origin") from None
+                signature = engine.origin_signature(job.origin)
             except ConfigError as err:  # the origin text does not fit the context, ...
                 raise ApiError(400, f"origin: {err}", param="origin") from None
-            tokens = self._prompt(job)
-            if not self.cache_prompt:
-                engine.reset()  # the answer depends on this request alone, not on the last one
-            stats = engine.stats
-            before = (stats.certified, stats.fallback)
-            job.emit("start", len(tokens), engine.mode)
-            stop = StopFilter(settings.stop)
-            count, finish, first_at = 0, None, None
-            stream = engine.stream(tokens, settings)
-            try:
-                for token in stream:
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                        metrics.first_token.observe(first_at - job.arrived)
-                    count += 1
-                    metrics.completion_tokens.inc()
-                    job.emit("token", stop.feed(token.piece),
-                             None if token.route is None else CLUSTERS[token.route])
-                    if stop.stopped:
-                        finish = FINISH_STOP
-                        break
-                    if job.cancelled.is_set():
-                        finish = "cancelled"
-                        break
-            finally:
-                stream.close()
-            end = time.perf_counter()
-            if finish == "cancelled":
-                metrics.cancelled.inc()
-            # llama.cpp's "context" (the context filled up) is OpenAI's "length".
-            finish = finish or ("stop" if engine.finish_reason == FINISH_STOP else "length")
-            if count > 1:
-                metrics.decode_tps.set((count - 1) / (end - first_at))
-            omega = {"mode": engine.mode}
-            if engine.mode == "fast":
-                omega.update(certified=stats.certified - before[0], fallback=stats.fallback - before[1])
-            job.emit("end", finish, "" if stop.stopped else stop.flush(),
-                     {"completion_tokens": count, "omega": omega})
-
-    def _prompt(self, job: Job) -> list[int]:
-        """The request's prompt tokens, checked against the context and vocabulary."""
-        engine = self.engine
         try:
             tokens = job.prompt(engine)
             engine.check_prompt(tokens)
@@ -370,7 +379,66 @@ class ModelWorker:
         except ConfigError as err:
             raise ApiError(400, str(err), param=_param_of(str(err))) from None
         self.metrics.prompt_tokens.inc(len(tokens))
-        return tokens
+        return engine.start(tokens, job.settings, omega=job.omega, origin_signature=signature)
+
+    def _drop_cancelled(self) -> None:
+        for job in list(self.running):
+            if job.cancelled.is_set():
+                self.batcher.cancel(job.request)
+                self.metrics.cancelled.inc()
+                self._finish(job)
+
+    def _deliver(self, job: Job) -> None:
+        """Hand the job its request's new tokens; the final event once it is done."""
+        request = job.request
+        metrics = self.metrics
+        while request.outbox:
+            token = request.outbox.popleft()
+            if not job.answered:
+                job.answered = True
+                metrics.first_token.observe(time.perf_counter() - job.arrived)
+            metrics.completion_tokens.inc()
+            job.emit("token", token.piece, None if token.route is None else CLUSTERS[token.route])
+        if not request.done:
+            return
+        count = len(request.tokens)
+        if count > 1 and request.first_at is not None:
+            metrics.decode_tps.set((count - 1) / max(request.last_at - request.first_at, 1e-9))
+        # llama.cpp's "context" (the context filled up) is OpenAI's "length".
+        finish = "stop" if request.finish_reason == FINISH_STOP else "length"
+        omega = {"mode": request.mode}
+        if request.mode == "fast":
+            omega.update(certified=request.stats.certified, fallback=request.stats.fallback)
+        job.emit("end", finish, request.tail, {"completion_tokens": count, "omega": omega})
+        self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        with self._lock:
+            job.state = "done"
+            if job in self.running:
+                self.running.remove(job)
+
+    def _fail(self, job: Job, err: ApiError, running: bool = True) -> None:
+        if running and job.request is not None:
+            self.batcher.cancel(job.request)
+        job.emit("error", err)
+        self._finish(job)
+
+    def _shutdown(self) -> None:
+        """Every running stream ends with an error event (the server is going away); waiting
+        jobs are refused."""
+        for job in list(self.running):
+            self._fail(job, ApiError(503, "the server is shutting down", code="shutting_down"))
+        while self._waiting:
+            job = self._waiting.popleft()
+            if job.state == "waiting":
+                self._fail(job, ApiError(503, "the server is shutting down", code="shutting_down"),
+                           running=False)
+
+
+def _internal(err: Exception) -> ApiError:
+    message = str(err).splitlines()[0] if str(err).strip() else ""
+    return ApiError(500, f"internal error (a bug): {type(err).__name__}: {message}")
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -417,14 +485,21 @@ class Metrics:
         self.decode_tps = Gauge("zptr_decode_tokens_per_second",
                                 "decode speed of the last finished generation (tokens/s)",
                                 registry=registry)
-        self.queue_depth = Gauge("zptr_queue_depth", "requests waiting for the model",
+        self.queue_depth = Gauge("zptr_queue_depth", "requests waiting for a free slot",
                                  registry=registry)
-        self.busy = Gauge("zptr_busy", "1 while a request is generating", registry=registry)
+        self.busy = Gauge("zptr_busy", "1 while any request is generating", registry=registry)
+        self.slots = Gauge("zptr_slots", "slots (requests that decode together)", registry=registry)
+        self.slots_busy = Gauge("zptr_slots_busy", "slots holding a request", registry=registry)
+        self.batch_tokens = Histogram("zptr_batch_tokens", "tokens decoded per step of the slot loop",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+                                      registry=registry)
         registry.register(_OmegaCollector(engine))
 
     def watch(self, worker: ModelWorker) -> None:
         self.queue_depth.set_function(lambda: worker.waiting)
         self.busy.set_function(lambda: float(worker.busy))
+        self.slots.set_function(lambda: float(worker.slots))
+        self.slots_busy.set_function(lambda: float(len(worker.running)))
 
 
 class CountRequests:
@@ -464,12 +539,9 @@ async def _watch_disconnect(request: Request, job: Job, worker: ModelWorker) -> 
 
 
 def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = None,
-               queue_size: int = 16, cache_prompt: bool = False) -> FastAPI:
-    """The server's application around a loaded engine (the model thread starts with it).
-
-    ``cache_prompt`` keeps the KV cache of the prefix a prompt shares with the last context (as
-    llama-server): faster for long chats, but a greedy answer may then differ with what ran
-    before (see :meth:`ZptrLlama.reset`); without it every request is decoded from scratch."""
+               queue_size: int = 16) -> FastAPI:
+    """The server's application around a loaded engine (the model thread starts with it): the
+    engine's ``n_parallel`` slots decode together, ``queue_size`` more requests may wait."""
     if queue_size < 0:
         raise ConfigError(f"--queue must be 0 or more, got {queue_size}")
     metrics = Metrics(engine)
@@ -480,7 +552,7 @@ def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["worker"] = worker = ModelWorker(engine, queue_size, metrics, cache_prompt)
+        state["worker"] = worker = ModelWorker(engine, queue_size, metrics)
         metrics.watch(worker)
         try:
             yield
@@ -652,6 +724,7 @@ def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = N
         return {"status": "ok", "model": model_name, "omega": engine.mode_at_load,
                 "omega_available": engine.has_omega, "routes": list(CLUSTERS), "n_ctx": n_ctx,
                 "busy": bool(worker and worker.busy), "queue_depth": worker.waiting if worker else 0,
+                "slots": engine.n_parallel, "slots_busy": len(worker.running) if worker else 0,
                 "queue_size": queue_size, "api_key": api_key is not None}
 
     @app.get("/metrics", dependencies=authorized)

@@ -11,7 +11,7 @@ request by one :meth:`Batcher.step`:
    arrival order, so a new request starts reading at the next step beside the others' decoding;
 2. rows that need no h_t decode with embeddings off — llama.cpp then computes the lm_head only for
    rows marked as outputs (a prompt's last token) — and rows that need h_t with embeddings on;
-3. the router runs over every routed row of the step in one product; each request corrects,
+3. the router runs over every routed row of the step in one product (of a fixed shape); each request corrects,
    samples (its own chain: seed, penalties) and stops on its own (end of generation, max tokens,
    a stop string, the end of its context); a finished request frees its slot at once.
 
@@ -194,6 +194,7 @@ class Batcher:
         self.cached: list[list[int]] = [[] for _ in range(n_slots)]  # tokens in each slot's KV
         self.order: list[Request] = []  # active requests by arrival
         self.last_batch = 0  # tokens of the last step (the server's metrics)
+        self._forget: list[int] = []  # slots released during a step, their cache dropped after it
 
     @property
     def n_slots(self) -> int:
@@ -217,6 +218,7 @@ class Batcher:
         """Give ``request`` a free slot; it reads its prompt from the next step on."""
         if request.seq is not None or request.done:
             raise ZptrError("this request has already been started")
+        self._drop_released()
         free = [seq for seq, holder in enumerate(self.slots) if holder is None]
         if not free:
             raise ZptrError(f"all {self.n_slots} slots are busy")
@@ -238,6 +240,7 @@ class Batcher:
         """Stop ``request`` now (its client left); its slot is free for the next step."""
         if not request.done:
             self._release(request, FINISH_CANCELLED)
+            self._drop_released()
 
     def _release(self, request: Request, reason: str) -> None:
         request.finish(reason)
@@ -245,8 +248,9 @@ class Batcher:
             self.slots[request.seq] = None
             self.order.remove(request)
             if not self.cache_prompt:
-                self.decoder.forget(request.seq)
-                self.cached[request.seq] = []
+                # Dropped after the step: a hole freed mid-step would take another sequence's next
+                # token out of position order, and llama.cpp sums attention in cell order.
+                self._forget.append(request.seq)
 
     # ---------------------------------------------------------------- one step
     def step(self) -> list[Request]:
@@ -263,7 +267,15 @@ class Batcher:
         if hidden:
             self._decode(hidden, embeddings=True)
             touched += self._after_hidden(hidden)
+        self._drop_released()
         return touched
+
+    def _drop_released(self) -> None:
+        while self._forget:
+            seq = self._forget.pop()
+            if self.slots[seq] is None:
+                self.decoder.forget(seq)
+                self.cached[seq] = []
 
     def _rows(self) -> tuple[list[_Row], list[_Row]]:
         """This step's rows, split by whether they need h_t: decode tokens first, then prompt
@@ -325,9 +337,13 @@ class Batcher:
             start = end
         if not choosing:
             return []
+        # One routing product for every row, always n_slots rows tall (zeros past the ones in
+        # use): BLAS sums a product of another shape in another order, and a route decided
+        # within rounding of its threshold would then depend on how many requests ran together.
         index = [row for _, row in choosing]
-        origin = np.stack([request.origin_term for request, _ in choosing])
-        routing = engine.router.route(hidden[index], np.stack(states), np.stack(deltas), origin)
+        origins = [request.origin_term for request, _ in choosing]
+        routing = engine.router.route(*(_rows_of(np.stack(part), self.n_slots) for part in (
+            hidden[index], states, deltas, origins)))
         touched: list[Request] = []
         for k, (request, row) in enumerate(choosing):
             token = self._choose(request, row, (routing, k))
@@ -393,6 +409,7 @@ class Batcher:
     def mean_hidden(self, tokens: Sequence[int], seq: int) -> np.ndarray:
         """The mean of h_t over ``tokens`` decoded alone in sequence ``seq`` (left empty)."""
         rows = []
+        self._drop_released()
         self.decoder.forget(seq)
         try:
             for start in range(0, len(tokens), self.n_batch):
@@ -404,6 +421,13 @@ class Batcher:
             self.decoder.forget(seq)
             self.cached[seq] = []
         return np.concatenate(rows).mean(0)
+
+
+def _rows_of(matrix: np.ndarray, count: int) -> np.ndarray:
+    """``matrix`` with zero rows appended up to ``count`` rows."""
+    if len(matrix) >= count:
+        return matrix
+    return np.concatenate([matrix, np.zeros((count - len(matrix), matrix.shape[1]), matrix.dtype)])
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -217,10 +217,12 @@ class ZptrLlama:
             llama_kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
         reader = open_gguf(self.model_path)
         self._n_ctx = n_ctx
+        # A physical batch of at most DEFAULT_BATCH keeps llama.cpp's compute buffer small for a
+        # large -b; a caller that decodes whole chunks at once (eval) asks for its own.
+        llama_kwargs.setdefault("n_ubatch", min(n_batch, DEFAULT_BATCH))
         self.llm: HiddenLlama = open_llama(self.model_path, HiddenLlama, checked=reader,
                                            n_ctx=n_ctx * n_parallel, n_batch=n_batch,
-                                           n_ubatch=min(n_batch, DEFAULT_BATCH), n_seq_max=n_parallel,
-                                           **llama_kwargs)
+                                           n_seq_max=n_parallel, **llama_kwargs)
         self.stats = CorrectionStats()
         self.origin_term: Optional[np.ndarray] = None
         self.last_routes: list[int] = []  # the llama-cpp-python path's last request

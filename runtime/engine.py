@@ -206,13 +206,15 @@ class ZptrLlama:
         if origin and not on:
             raise OmegaModeError("an origin text needs Omega on, but Omega is off "
                                  f"({'--omega off' if omega == 'off' else 'no sidecar found'})")
-        if f32_kv:
-            llama_kwargs.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         # Flash attention (llama-server's default where it runs) skips the masked cells of the
         # other sequences instead of summing their zeros: a request's answer is then bit for bit
         # the same alone and among others. Without it the unified cache's interleaved cells change
-        # the rounding, by up to ~1 logit on the bundled model (measured).
-        llama_kwargs.setdefault("flash_attn", True)
+        # the rounding, by up to ~1 logit on the bundled model (measured). The f32 parity mode
+        # keeps llama.cpp's plain attention: the CPU flash kernel's online softmax lands up to
+        # 0.1 logit from float32 attention on SmolLM2 (measured), the plain one within rounding.
+        llama_kwargs.setdefault("flash_attn", not f32_kv)
+        if f32_kv:
+            llama_kwargs.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         if on:
             llama_kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
         reader = open_gguf(self.model_path)

@@ -109,11 +109,20 @@ def test_requests_join_and_leave_between_steps(smollm2_omega):
         llm.close()
 
 
-def test_a_long_prompt_decodes_embeddings_only_over_the_tail(llm):
+@pytest.fixture(scope="module")
+def long_llm(smollm2_omega):
+    engine = ZptrLlama(smollm2_omega, omega="fast", n_ctx=1536, cache_prompt=False,
+                       n_threads=2, n_threads_batch=2)
+    yield engine
+    engine.close()
+
+
+def test_a_long_prompt_decodes_embeddings_only_over_the_tail(long_llm):
     """A prompt of ~700 tokens with Omega: K = ceil(ln 2^-24 / ln beta) of its rows decode with
     embeddings, the rest with embeddings off; the answer, its routes and phi equal the all-token
     computation (every prompt row with embeddings), phi within float32 rounding."""
-    prompt = llm.tokenize(" ".join(PROMPTS) * 3)
+    llm = long_llm
+    prompt = llm.tokenize(" ".join(PROMPTS) * 6)
     assert len(prompt) > 600
     assert llm.tail == tail_length(0.9) == 158
     rows = []

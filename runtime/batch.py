@@ -194,7 +194,6 @@ class Batcher:
         self.cached: list[list[int]] = [[] for _ in range(n_slots)]  # tokens in each slot's KV
         self.order: list[Request] = []  # active requests by arrival
         self.last_batch = 0  # tokens of the last step (the server's metrics)
-        self._forget: list[int] = []  # slots released during a step, their cache dropped after it
 
     @property
     def n_slots(self) -> int:
@@ -218,7 +217,6 @@ class Batcher:
         """Give ``request`` a free slot; it reads its prompt from the next step on."""
         if request.seq is not None or request.done:
             raise ZptrError("this request has already been started")
-        self._drop_released()
         free = [seq for seq, holder in enumerate(self.slots) if holder is None]
         if not free:
             raise ZptrError(f"all {self.n_slots} slots are busy")
@@ -240,17 +238,15 @@ class Batcher:
         """Stop ``request`` now (its client left); its slot is free for the next step."""
         if not request.done:
             self._release(request, FINISH_CANCELLED)
-            self._drop_released()
 
     def _release(self, request: Request, reason: str) -> None:
         request.finish(reason)
         if request.seq is not None and self.slots[request.seq] is request:
             self.slots[request.seq] = None
             self.order.remove(request)
-            if not self.cache_prompt:
-                # Dropped after the step: a hole freed mid-step would take another sequence's next
-                # token out of position order, and llama.cpp sums attention in cell order.
-                self._forget.append(request.seq)
+            # Its cells stay until the slot is taken again (add drops what is not reused): llama.cpp
+            # puts new tokens in the first free cells, so a hole freed now would take the other
+            # requests' next tokens out of position order, and attention sums in cell order.
 
     # ---------------------------------------------------------------- one step
     def step(self) -> list[Request]:
@@ -267,15 +263,7 @@ class Batcher:
         if hidden:
             self._decode(hidden, embeddings=True)
             touched += self._after_hidden(hidden)
-        self._drop_released()
         return touched
-
-    def _drop_released(self) -> None:
-        while self._forget:
-            seq = self._forget.pop()
-            if self.slots[seq] is None:
-                self.decoder.forget(seq)
-                self.cached[seq] = []
 
     def _rows(self) -> tuple[list[_Row], list[_Row]]:
         """This step's rows, split by whether they need h_t: decode tokens first, then prompt
@@ -409,7 +397,6 @@ class Batcher:
     def mean_hidden(self, tokens: Sequence[int], seq: int) -> np.ndarray:
         """The mean of h_t over ``tokens`` decoded alone in sequence ``seq`` (left empty)."""
         rows = []
-        self._drop_released()
         self.decoder.forget(seq)
         try:
             for start in range(0, len(tokens), self.n_batch):

@@ -74,11 +74,13 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def clip(message: str, limit: int = MAX_MESSAGE) -> str:
-    """The first line of ``message``, at most ``limit`` characters of it."""
+    """The first line of ``message``, at most about ``limit`` characters of it: its start and its
+    end (where the cause usually is), what lies between counted."""
     line = message.splitlines()[0] if message else ""
     if len(line) <= limit:
         return line
-    return f"{line[:limit]}... ({len(line) - limit} more characters)"
+    head, tail = 2 * limit // 3, limit // 3
+    return f"{line[:head]} ...({len(line) - head - tail} characters)... {line[-tail:]}"
 
 
 def _report(prefix: str, err: BaseException) -> int:

@@ -21,7 +21,7 @@ import gguf
 import torch
 
 from zptr.errors import ConvertError
-from zptr.fileio import Outputs, check_separate
+from zptr.fileio import Outputs, check_separate, scratch_prefix
 from zptr.formats.imatrix import Imatrix, read_imatrix
 from zptr.formats.keys import Keys
 from zptr.formats.sidecar import sidecar_path_for, write_sidecar
@@ -128,7 +128,7 @@ def _write_model(src: Source, path: Path, outtype: str, metadata: dict[str, Any]
     if plan is not None:
         write_gguf(path, src.family.gguf_arch, write_keys, tensors, plan, progress)
         return
-    with tempfile.TemporaryDirectory(prefix=".zptr-convert-", dir=path.parent) as work:
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix(path), suffix=".tmp", dir=path.parent) as work:
         # bfloat16 for the quantizer's input: half the bytes of float32 to write and read back,
         # float32's range (no overflow), and a rounding (2^-9) far below any type it quantizes to.
         intermediate = write_gguf(Path(work) / "bf16.gguf", src.family.gguf_arch, write_keys, tensors,

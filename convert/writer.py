@@ -180,7 +180,9 @@ def _write_blocks(writer: gguf.GGUFWriter, tensor: GgufTensor, plan: WritePlan,
             raise ConvertError(f"tensor {tensor.name}: produced rows of shape {block.shape[1:]}, "
                                f"declared {tensor.shape}")
         encoded = encode(block, kind, imatrix, plan.threads, tensor.name)
-        encoded.tofile(fout)
+        # Through the file object, not numpy's tofile: a full disk then raises ENOSPC, where
+        # tofile says only "N requested and M written".
+        fout.write(memoryview(encoded).cast("B"))
         written, rows = written + encoded.nbytes, rows + block.shape[0]
     if written != info.nbytes or rows != tensor.shape[0]:
         raise ConvertError(f"tensor {tensor.name}: produced {rows} rows, declared {tensor.shape}")

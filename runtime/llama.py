@@ -28,7 +28,7 @@ import llama_cpp
 import numpy as np
 
 from zptr.errors import ModelLoadError, ZptrError
-from zptr.formats.gguf import open_gguf
+from zptr.formats.gguf import check_model, open_gguf
 from zptr.native_log import install as install_native_log
 
 _PATCH_LOCK = threading.Lock()
@@ -86,14 +86,14 @@ def open_llama(model_path: Path, llama_class: Optional[type] = None,
                checked: Optional[gguf.GGUFReader] = None, n_seq_max: int = 1, **kwargs: Any):
     """A ``llama_cpp.Llama`` (or subclass) on ``model_path`` with the AMX workaround applied.
 
-    The file is checked first (missing, a directory, not GGUF, truncated: each named), so
-    llama.cpp's own load only fails on what only it can judge; ``checked`` is the caller's own
+    The file is checked first (missing, a directory, not GGUF, truncated, hyper-parameters
+    llama.cpp would abort on: each named), so llama.cpp's own load only fails on what only it
+    can judge; ``checked`` is the caller's own
     :func:`open_gguf` reader of it, which spares a second parse of the metadata. The context
     holds ``n_seq_max`` sequences in one unified cache of ``n_ctx`` tokens.
     """
     model_path = Path(model_path)
-    if checked is None:
-        open_gguf(model_path)
+    check_model(checked if checked is not None else open_gguf(model_path), model_path)
     install_native_log()
     cls = llama_class or llama_cpp.Llama
     kwargs.setdefault("verbose", False)

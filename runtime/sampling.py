@@ -2,7 +2,7 @@
 
 Ranges (as llama.cpp's and OpenAI's): temperature >= 0 (0 is greedy), 0 < top_p <= 1,
 0 <= min_p <= 1, top_k >= 0 (0: no limit), repeat_penalty > 0 (1: none), presence and frequency
-penalties in [-2, 2], max_tokens >= 0, every logit bias finite. A value outside its range is a
+penalties in [-2, 2], max_tokens >= 0, every logit bias finite, a seed in 0 .. 2^64 - 1. A value outside its range is a
 :class:`~zptr.errors.ConfigError` naming the setting, never silently clamped.
 """
 
@@ -16,6 +16,9 @@ from zptr.errors import ConfigError
 
 # llama-cpp-python's repeat penalty looks back this many tokens (Llama(last_n_tokens_size=64)).
 PENALTY_WINDOW = 64
+# Seeds are unsigned 64-bit, folded into llama.cpp's 32-bit sampler seed: past this range the
+# fold would wrap (2^64 would draw as 1) or, for a negative seed, never end.
+MAX_SEED = 2**64 - 1
 
 
 @dataclass
@@ -62,8 +65,8 @@ class SamplingSettings:
         for name, kind, ok, expected in checks:
             if not ok(kind(name)):
                 raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
-        if self.seed is not None:
-            integer("seed")
+        if self.seed is not None and not 0 <= integer("seed") <= MAX_SEED:
+            raise ConfigError(f"seed must lie in 0..{MAX_SEED} (omit it for a random seed), got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ConfigError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if isinstance(self.stop, str):

@@ -122,7 +122,7 @@ def test_resume_is_exact(tiny_dir, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text('{"text": "different data"}\n')
     with pytest.raises(TrainError, match="trained on different data"):
-        train(quick(tiny_dir, tmp_path / "a", max_steps=20, resume=str(resumed), data=str(other)))
+        train(quick(tiny_dir, tmp_path / "a", max_steps=20, resume=str(resumed), data=str(other), **settings))
     with pytest.raises(TrainError, match="already holds checkpoints"):
         train(quick(tiny_dir, tmp_path / "b", max_steps=12))
     # Resuming an earlier checkpoint drops the metrics the abandoned continuation logged.

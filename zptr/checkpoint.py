@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import FORMAT_VERSION, ZptrConfig, phase_status, sigmoid
 from .errors import CheckpointError, ConfigError
+from .families import family_of
 from .fileio import atomic_directory, sha256_file
 from .jsonio import JsonObject, read_json, read_object
 from .head import Rotation, ZptrHead, rotation_errors
@@ -37,6 +38,7 @@ SEED_SOUL_FILE = "soul.pt"
 # Files conversion reads; the rest (trainer_state/, README.md) only matter for a resume.
 CONVERSION_FILES = (SOUL_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
+MAX_STEP = 2**32 - 1  # GGUF's zptr.source.step is a uint32
 
 
 def orthogonality_tolerance(n: int) -> float:
@@ -211,19 +213,27 @@ def load_checkpoint(path: Path, verify: bool = True, needed_only: bool = False) 
         raise CheckpointError(f"{path}: neither {CONFIG_FILE} nor a seed-format {SEED_SOUL_FILE} found")
     where = str(path / CONFIG_FILE)
     try:
+        # The one schema of zptr_config.json: every key that save_checkpoint writes, no other.
         meta = JsonObject(read_json(path / CONFIG_FILE), where)
         version = meta.get("format_version", int)
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{where}: format_version {version}, this version reads {FORMAT_VERSION}")
-        config = ZptrConfig.from_dict(meta.get("zptr", dict), where, "zptr")
+        meta.only("format_version", "base_model", "architecture", "step", "zptr", "files")
+        config = ZptrConfig.from_dict(meta.get("zptr", dict), where, "zptr", complete=True)
         files = meta.get("files", dict[str, str])
-        base_model = meta.get("base_model", Optional[str], None)
-        architecture = meta.get("architecture", Optional[str], None)
-        step = meta.get("step", int, 0)
+        base_model = meta.get("base_model", Optional[str])
+        architecture = meta.get("architecture", str)
+        step = meta.get("step", int)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
+    try:
+        family_of(architecture)
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: {err}") from None
     if step < 0:
         raise CheckpointError(f"{where}: step must not be negative, got {step}")
+    if step > MAX_STEP:
+        raise CheckpointError(f"{where}: step must be at most {MAX_STEP}, got {step}")
     if SOUL_FILE not in files:
         raise CheckpointError(f"{where}: no sha256 recorded for {SOUL_FILE}")
     for name, digest in files.items():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .jsonio import load_dataclass
+from .jsonio import load_dataclass, require_keys
 
 FORMAT_VERSION = 1
 
@@ -122,7 +122,10 @@ class ZptrConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "zptr config", key: str = "") -> "ZptrConfig":
+    def from_dict(cls, data: Any, where: str = "zptr config", key: str = "",
+                  complete: bool = False) -> "ZptrConfig":
         """From JSON data: every key type-checked, every value range-checked (errors name
-        ``where`` and the key)."""
+        ``where`` and the key); with ``complete`` every key must be there (a checkpoint's)."""
+        if complete:
+            require_keys(cls, data, where, key)
         return load_dataclass(cls, data, where, key)

@@ -18,10 +18,15 @@ import torch
 
 from .errors import DatasetError
 from .fileio import sha256_file
+from .jsonio import describe
 
 SAMPLE_CORPUS = "sample_corpus.jsonl"
 MIXED_TEXT = "mixed_text.txt"
 IGNORE_INDEX = -100  # label value cross-entropy skips (padding)
+# The chat roles of a message, here and in zptr serve's requests; "developer" (OpenAI's newer name)
+# is a system message to a chat template.
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+NOT_TEXT = "holds a lone surrogate (an unpaired \\ud800-\\udfff escape), not text"
 
 
 @dataclass
@@ -54,7 +59,8 @@ def mixed_text_path() -> Path:
 
 
 def _check_messages(messages: Any) -> Optional[str]:
-    """Why a ``messages`` value is malformed, or None when it is fine."""
+    """Why a ``messages`` value is malformed, or None when it is fine (the roles: what
+    ``zptr serve`` accepts, :data:`CHAT_ROLES`)."""
     if not isinstance(messages, list) or not messages:
         return "'messages' must be a non-empty list"
     for i, message in enumerate(messages):
@@ -62,7 +68,20 @@ def _check_messages(messages: Any) -> Optional[str]:
             return f"messages[{i}] is not an object"
         if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
             return f"messages[{i}] needs string 'role' and 'content'"
+        if message["role"] not in CHAT_ROLES:
+            return f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {describe(message['role'])}"
+        if not _is_text(message["content"]):
+            return f"messages[{i}].content {NOT_TEXT}"
     return None
+
+
+def _is_text(value: str) -> bool:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_line(line: str, tokenizer) -> Example:
@@ -71,17 +90,23 @@ def parse_line(line: str, tokenizer) -> Example:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply)") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     origin = record.get("origin")
     if origin is not None and (not isinstance(origin, str) or not origin.strip()):
         raise ValueError("'origin' must be a non-empty string when present")
+    if origin is not None and not _is_text(origin):
+        raise ValueError(f"'origin' {NOT_TEXT}")
     if "text" in record and "messages" in record:
         raise ValueError("has both 'text' and 'messages'; give one")
     if "text" in record:
         text = record["text"]
         if not isinstance(text, str) or not text.strip():
             raise ValueError("'text' must be a non-empty string")
+        if not _is_text(text):
+            raise ValueError(f"'text' {NOT_TEXT}")
         return Example(text, origin)
     if "messages" in record:
         problem = _check_messages(record["messages"])
@@ -89,8 +114,9 @@ def parse_line(line: str, tokenizer) -> Example:
             raise ValueError(problem)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("'messages' needs a tokenizer with a chat template; this one has none")
-        return Example(tokenizer.apply_chat_template(record["messages"], tokenize=False), origin,
-                       chat=True)
+        messages = [{**m, "role": "system" if m["role"] == "developer" else m["role"]}
+                    for m in record["messages"]]
+        return Example(tokenizer.apply_chat_template(messages, tokenize=False), origin, chat=True)
     raise ValueError("needs a 'text' or a 'messages' field")
 
 

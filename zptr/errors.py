@@ -59,11 +59,19 @@ class OutputExistsError(ZptrError, FileExistsError):
         self.path = path
 
 
-class Interrupted(ZptrError):
+class OutputError(ZptrError, OSError):
+    """An output cannot be written (disk full, read-only or forbidden directory); nothing of it
+    was left behind. Exit code 74 (EX_IOERR): the input was fine, the place to write was not."""
+
+    exit_code = 74
+
+
+class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped the work; nothing partial was left behind.
 
-    The exit code follows the shell convention 128 + signal number (130 for Ctrl-C, 143 for
-    SIGTERM).
+    A ``KeyboardInterrupt`` (not an ``Exception``), so that no ``except Exception`` on the way
+    out, ours or a library's, can take it for an error of its own. The exit code follows the
+    shell convention 128 + signal number (130 for Ctrl-C, 143 for SIGTERM).
     """
 
     def __init__(self, signum: int, message: str = ""):

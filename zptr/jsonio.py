@@ -151,6 +151,23 @@ def load_dataclass(cls: type[T], data: Any, where: str, key: str = "") -> T:
         raise ConfigError(f"{where}: {err}") from None
 
 
+def require_keys(cls: type, data: Any, where: str, key: str = "") -> None:
+    """Refuse ``data`` (JSON for dataclass ``cls``) lacking any key, at any depth: for files
+    ZPTR writes complete (a checkpoint's config), where a missing key means a damaged or foreign
+    file, not a default. Types are :func:`load_dataclass`'s to check."""
+    if not isinstance(data, dict):
+        return
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):
+        if not spec.init:
+            continue
+        path = f"{key}.{spec.name}" if key else spec.name
+        if spec.name not in data:
+            raise ConfigError(f"{where}: {key or 'the top level'} lacks the key {spec.name!r}")
+        if dataclasses.is_dataclass(hints[spec.name]):
+            require_keys(hints[spec.name], data[spec.name], where, path)
+
+
 class JsonObject:
     """A JSON object read key by key with type checks (for files not described by a dataclass)."""
 
@@ -176,6 +193,12 @@ class JsonObject:
 
     def __contains__(self, name: str) -> bool:
         return name in self.data
+
+    def only(self, *names: str) -> None:
+        """Refuse keys other than ``names`` (a misspelt or foreign key is not silently ignored)."""
+        unknown = sorted(set(map(str, self.data)) - set(names))
+        if unknown:
+            raise ConfigError(f"{self.where}: {self.key or 'the top level'} has unknown keys {', '.join(unknown)}")
 
 
 def read_object(path: Union[str, Path]) -> JsonObject:

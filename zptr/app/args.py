@@ -61,7 +61,9 @@ def comma_list(value: str) -> list[str]:
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of a config dataclass: ``--field-name``, help and choices from the
-    field's metadata, bools as switches (``--no-x`` for those that default to true)."""
+    field's metadata, bools as switches (``--no-x`` for those that default to true). A flag not
+    given leaves no attribute (the dataclass's default applies), so :func:`given_fields` can tell
+    a default from a value the user typed (a resume keeps the run's own settings)."""
     hints = typing.get_type_hints(cls)
     for spec in dataclasses.fields(cls):
         if spec.name in skip:
@@ -73,11 +75,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if kind is bool:
             if spec.default:
                 parser.add_argument("--no-" + spec.name.replace("_", "-"), dest=spec.name,
-                                    action="store_false", help=f"no {help_text}")
+                                    action="store_false", default=argparse.SUPPRESS, help=f"no {help_text}")
             else:
-                parser.add_argument(flag, action="store_true", help=help_text)
+                parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
-        options: dict[str, Any] = {"default": spec.default, "dest": spec.name}
+        options: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": spec.name}
         base = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
         inner = base[0]
         if typing.get_origin(inner) is list:
@@ -88,10 +90,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             options["choices"] = meta["choices"]
         if "metavar" in meta:
             options["metavar"] = meta["metavar"]
-        default_note = "" if spec.default is None else " (default %(default)s)"
+        default_note = "" if spec.default is None else f" (default {spec.default})"
         parser.add_argument(flag, help=help_text + default_note, **options)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+    return cls(**{k: getattr(args, k) for k in given_fields(cls, args)})
+
+
+def given_fields(cls: type, args: argparse.Namespace) -> frozenset[str]:
+    """The fields of ``cls`` whose flag was on the command line."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if hasattr(args, f.name))

@@ -5,8 +5,11 @@ Each subcommand lives in its own module of ``zptr.app`` exposing ``add_arguments
 imported, so ``zptr inspect`` does not pay for torch and llama.cpp.
 
 Errors: a :class:`~zptr.errors.ZptrError` becomes one line on stderr and its exit code (1, or
-128 + signal for an interrupt); anything else is a bug, reported in one line too (exit 70) with
-``ZPTR_DEBUG=1`` giving the traceback.
+74 for an output that cannot be written); an interrupt exits 128 + signal (130, 143) whenever it
+comes, the subcommand's imports included; an ``OSError`` from the system (a disk that fills, a
+file name too long) is one line with exit 74; anything else is a bug, reported in one line too
+(exit 70) with ``ZPTR_DEBUG=1`` giving the traceback. No message is echoed longer than
+:data:`MAX_MESSAGE` characters: an error quoting a huge input stays one readable line.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from ..errors import Interrupted, ZptrError
+from ..errors import Interrupted, OutputError, ZptrError
 from . import args as common
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -36,6 +39,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("zptr.app.demo", "the whole pipeline on the bundled SmolLM2-135M"),
 }
 EXIT_BUG = 70  # EX_SOFTWARE
+MAX_MESSAGE = 500  # characters of an error message shown; the rest is summarised
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
@@ -69,40 +73,59 @@ def _raise_interrupt(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+def clip(message: str, limit: int = MAX_MESSAGE) -> str:
+    """The first line of ``message``, at most about ``limit`` characters of it: its start and its
+    end (where the cause usually is), what lies between counted."""
+    line = message.splitlines()[0] if message else ""
+    if len(line) <= limit:
+        return line
+    head, tail = 2 * limit // 3, limit // 3
+    return f"{line[:head]} ...({len(line) - head - tail} characters)... {line[-tail:]}"
+
+
+def _report(prefix: str, err: BaseException) -> int:
+    """One line on stderr for ``err`` and the exit code it gets."""
+    if isinstance(err, Interrupted):
+        print(f"{prefix}: {clip(str(err))}", file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    if isinstance(err, ZptrError):
+        print(f"{prefix}: error: {clip(str(err))}", file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, OSError) and err.errno is not None:  # the system's refusal, not a bug
+        where = f"{err.filename}: " if err.filename is not None else ""
+        print(f"{prefix}: error: {clip(where + (err.strerror or str(err)))}", file=sys.stderr)
+        return OutputError.exit_code
+    print(f"{prefix}: internal error (a bug): {type(err).__name__}: {clip(str(err))} "
+          "(run with ZPTR_DEBUG=1 for the traceback)", file=sys.stderr)
+    return EXIT_BUG
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
-    prefix = f"zptr {args.command}"
-    quiet_library_chatter(args.verbose)
+    prefix = f"zptr {command}" if command in SUBCOMMANDS else "zptr"
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # Both signals unwind through the finally blocks that remove temporary outputs.
+        # Installed before the subcommand's module is imported (torch takes a second or more):
+        # both signals unwind through the finally blocks that remove temporary outputs.
         for signum in previous:
             signal.signal(signum, _raise_interrupt)
     except ValueError:  # not the main thread (an embedding application): leave its handlers
         previous = {}
     try:
+        args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
+        quiet_library_chatter(args.verbose)
         from ..native_log import native_log
 
         with native_log(verbose=args.verbose):
             return int(args._module.main(args) or 0)
-    except ZptrError as err:
+    except (Exception, KeyboardInterrupt) as err:
         if os.environ.get("ZPTR_DEBUG"):
             raise
-        kind = "" if isinstance(err, Interrupted) else "error: "
-        print(f"{prefix}: {kind}{err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # a bug: still one line, never a traceback, unless asked for
-        if os.environ.get("ZPTR_DEBUG"):
-            raise
-        message = str(err).splitlines()[0] if str(err) else ""
-        print(f"{prefix}: internal error (a bug): {type(err).__name__}: {message} "
-              "(run with ZPTR_DEBUG=1 for the traceback)", file=sys.stderr)
-        return EXIT_BUG
+        return _report(prefix, err)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

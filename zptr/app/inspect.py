@@ -13,7 +13,7 @@ import gguf
 from ..checkpoint import load_checkpoint
 from ..config import phase_status, sigmoid
 from ..errors import SidecarError, ZptrError
-from ..formats.gguf import arch_value, architecture, field_value, open_gguf, zptr_metadata
+from ..formats.gguf import arch_value, architecture, check_model, field_value, open_gguf, zptr_metadata
 from ..formats.keys import Keys
 from ..formats.sidecar import SIDECAR_ARCH, check_pairing, read_sidecar, sidecar_path_for
 
@@ -88,6 +88,7 @@ def describe_gguf(path: Path) -> dict[str, Any]:
     reader = open_gguf(path)
     if architecture(reader) == SIDECAR_ARCH:
         return describe_sidecar(path)
+    check_model(reader, path)  # what llama.cpp would refuse is not reported as a model
     types = collections.Counter(t.tensor_type.name for t in reader.tensors)
     hidden = int(arch_value(reader, gguf.Keys.LLM.EMBEDDING_LENGTH, 0))
     info: dict[str, Any] = {

@@ -9,7 +9,7 @@ import argparse
 import os
 
 from ..training import TrainConfig, train
-from .args import add_dataclass_arguments, dataclass_from_args
+from .args import add_dataclass_arguments, dataclass_from_args, given_fields
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
         cfg.validate()
         print(format_estimate(estimate(cfg)))
         return 0
-    path = train(cfg)
+    path = train(cfg, given=given_fields(TrainConfig, args))
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch: one line, not one per process
         print(f"zptr train: final checkpoint {path}")
     return 0

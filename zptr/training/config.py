@@ -17,9 +17,19 @@ from ..config import ROTATION_KINDS, ROUTING_MODES, AlphaSchedule
 from ..dataset import sample_corpus_path
 from ..errors import TrainError
 
+MAX_SEED = 2**32 - 1  # numpy's RNG, seeded with the others, takes 32-bit seeds
+
 
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
+
+
+# The settings that make a run what it is (its schedule, data, model and optimisation): a resume
+# continues with the run's own, and refuses a flag that contradicts one. The others (how long,
+# where, how often to save, memory-saving recomputation) may change between sessions.
+RUN_SETTINGS = ("warmup_steps", "annealing_steps", "batch_size", "max_length", "learning_rate",
+                "load_in_4bit", "rotation", "routing", "lora_r", "lora_alpha", "lora_dropout",
+                "lora_targets", "origin", "seed", "gradient_accumulation_steps", "skip_bad_lines")
 
 
 @dataclass
@@ -74,6 +84,8 @@ class TrainConfig:
             raise TrainError(f"--learning-rate must be a positive number, got {self.learning_rate}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise TrainError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise TrainError(f"--seed must lie in 0..{MAX_SEED}, got {self.seed}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise TrainError(f"--save-total-limit must be at least 1, got {self.save_total_limit}")
         if self.rotation not in ROTATION_KINDS:

@@ -25,9 +25,9 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,8 @@ from ..checkpoint import Checkpoint, load_checkpoint, load_head_tensors, save_ch
 from ..config import CLUSTERS, AlphaSchedule, phase_status, sigmoid
 from ..dataset import (IGNORE_INDEX, TokenizedExample, collate, fingerprint, global_batch_indices,
                        read_jsonl, tokenize)
-from ..errors import Interrupted, TrainError
-from ..fileio import atomic_file
+from ..errors import Interrupted, TrainError, ZptrError
+from ..fileio import atomic_file, check_separate, write_failure
 from ..model import ZptrModel
 from ..models import canonical_reference
 from .config import TrainConfig
@@ -111,9 +111,14 @@ def _prune(output_dir: Path, limit: Optional[int], keep: Path) -> None:
 # ------------------------------------------------------------------------------ resume
 
 
-def resume_source(cfg: TrainConfig) -> tuple[TrainConfig, Path, Optional[Checkpoint], Optional[ResumeState]]:
-    """(settings with the resumed run's base model and data filled in, output directory,
-    checkpoint, trainer state); the last two None for a fresh run."""
+def resume_source(cfg: TrainConfig, given: Optional[Collection[str]] = None
+                  ) -> tuple[TrainConfig, Path, Optional[Checkpoint], Optional[ResumeState]]:
+    """(settings with the resumed run's own filled in, output directory, checkpoint, trainer
+    state); the last two None for a fresh run.
+
+    A resume continues the saved run: its base model and data unless others are given, and its
+    :data:`RUN_SETTINGS` always; ``given`` (the fields set on the command line; default: those
+    that differ from TrainConfig's defaults) that contradict them are refused."""
     output_dir = Path(cfg.output_dir or (Path(cfg.resume).parent if cfg.resume else DEFAULT_OUTPUT_DIR))
     if output_dir.exists() and not output_dir.is_dir():
         raise TrainError(f"--output-dir {output_dir} is a file, not a directory")
@@ -122,15 +127,32 @@ def resume_source(cfg: TrainConfig) -> tuple[TrainConfig, Path, Optional[Checkpo
             raise TrainError(f"{output_dir} already holds checkpoints ({step_dirs(output_dir)[-1].name}); "
                              "pass --resume or choose another --output-dir")
         return replace(cfg, base_model=cfg.base_model or "bundled"), output_dir, None, None
+    # Checkpoints and metrics go beside the resumed checkpoint, never into it.
+    check_separate([cfg.resume], [output_dir], may_contain=True)
     checkpoint = load_checkpoint(Path(cfg.resume))  # verifies sha256 and the soul tensors
     state = read_trainer_state(checkpoint.path)
     if checkpoint.step >= cfg.max_steps:
         raise TrainError(f"{checkpoint.path} is at step {checkpoint.step}; --max-steps {cfg.max_steps} "
                          "leaves nothing to train")
+    given = _non_default(cfg) if given is None else set(given)
+    for name, saved in state.settings.items():
+        if name in given and getattr(cfg, name) != saved:
+            flag = "--" + name.replace("_", "-")
+            raise TrainError(f"{flag} {_shown(getattr(cfg, name))} contradicts the run being resumed "
+                             f"({checkpoint.path} was trained with {_shown(saved)}); drop {flag} to "
+                             "continue that run, or start a new one without --resume")
     # Unless told otherwise, continue on the checkpoint's own base model and data.
     cfg = replace(cfg, base_model=cfg.base_model or checkpoint.base_model or "bundled",
-                  data=cfg.data or state.data)
+                  data=cfg.data or state.data, **state.settings)
     return cfg, output_dir, checkpoint, state
+
+
+def _non_default(cfg: TrainConfig) -> set[str]:
+    return {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+
+
+def _shown(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 def _load_resumed_weights(model: ZptrModel, checkpoint: Checkpoint) -> None:
@@ -150,15 +172,16 @@ def _load_resumed_weights(model: ZptrModel, checkpoint: Checkpoint) -> None:
 # ------------------------------------------------------------------------------ setup
 
 
-def prepare(cfg: TrainConfig) -> Run:
-    """Accelerator, data, model and optimizer of a run, a resume's state loaded into them."""
+def prepare(cfg: TrainConfig, given: Optional[Collection[str]] = None) -> Run:
+    """Accelerator, data, model and optimizer of a run, a resume's state loaded into them
+    (``given``: see :func:`resume_source`)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from ..models import load_tokenizer
 
     cfg.validate()
-    cfg, output_dir, checkpoint, state = resume_source(cfg)
+    cfg, output_dir, checkpoint, state = resume_source(cfg, given)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # Without a GPU, accelerate only joins torchrun's processes into one gloo group when told
     # to use the CPU; otherwise each would silently train alone.
@@ -209,13 +232,15 @@ def prepare(cfg: TrainConfig) -> Run:
 # ------------------------------------------------------------------------------ the loop
 
 
-def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) -> Path:
+def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None,
+          given: Optional[Collection[str]] = None) -> Path:
     """Train and return the final checkpoint directory.
 
-    ``on_step(metrics)`` is called on the main process after every optimizer step.
-    Raises TrainingInterrupted (after saving) on SIGINT/SIGTERM.
+    ``on_step(metrics)`` is called on the main process after every optimizer step; ``given``:
+    the settings the user chose (see :func:`resume_source`). Raises TrainingInterrupted (after
+    saving) on SIGINT/SIGTERM.
     """
-    return run_steps(prepare(cfg), on_step)
+    return run_steps(prepare(cfg, given), on_step)
 
 
 def save_step(run: Run, step: int) -> Path:
@@ -245,11 +270,29 @@ def save_step(run: Run, step: int) -> Path:
 
 
 def run_steps(run: Run, on_step: Optional[Callable[[dict], None]] = None) -> Path:
+    """The loop. A fresh run that fails before its first checkpoint leaves nothing behind: its
+    metrics file and the output directory it made go too."""
+    main = run.accelerator.is_main_process
+    metrics_file = run.output_dir / METRICS_FILE
+    made = [p for p in (run.output_dir, *run.output_dir.parents) if not p.exists()]
+    try:
+        return _loop(run, metrics_file, on_step)
+    except BaseException as err:
+        if main and not run.resumed and not step_dirs(run.output_dir):
+            metrics_file.unlink(missing_ok=True)
+            for directory in made:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only if empty: never what someone else put there
+        if isinstance(err, OSError) and not isinstance(err, ZptrError):
+            raise write_failure(err, [metrics_file]) from None
+        raise
+
+
+def _loop(run: Run, metrics_file: Path, on_step: Optional[Callable[[dict], None]]) -> Path:
     from tqdm.auto import tqdm
 
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
     main = accelerator.is_main_process
-    metrics_file = run.output_dir / METRICS_FILE
     if main:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         if run.resumed:

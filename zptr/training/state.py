@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import TrainError, ZptrError
 from ..jsonio import JsonObject, read_json
+from .config import RUN_SETTINGS, TrainConfig
 
 STATE_DIR = "trainer_state"
 _FILES = ("optimizer.safetensors", "optimizer.json", "rng.safetensors", "rng.json",
@@ -35,6 +37,7 @@ class ResumeState:
     data_sha256: str
     data: str  # the data file the run trained on
     parameters: list[str]  # names of the trained parameters, in the optimizer's order
+    settings: dict[str, Any]  # the run's RUN_SETTINGS, as it was started
     optimizer_tensors: dict[str, torch.Tensor]
     optimizer_meta: dict[str, Any]
     rng: list[dict]  # one per process
@@ -141,11 +144,14 @@ def read_trainer_state(checkpoint: Path) -> ResumeState:
         seen = scalars.get("examples_seen", int)
         if step < 0 or seen < 0:
             raise TrainError(f"{directory / 'trainer_state.json'}: negative step or examples_seen")
+        hints = typing.get_type_hints(TrainConfig)
+        settings = {name: config.get(name, hints[name]) for name in RUN_SETTINGS if name in config}
         return ResumeState(
             step=step, examples_seen=seen,
             data_sha256=scalars.get("data_sha256", str),
             data=config.get("data", Optional[str]),
             parameters=scalars.get("parameters", list[str]),
+            settings=settings,
             optimizer_tensors=_tensors(directory / "optimizer.safetensors"),
             optimizer_meta={"param_groups": optimizer.get("param_groups", list),
                             "scalars": optimizer.get("scalars", dict)},

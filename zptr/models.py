@@ -101,6 +101,12 @@ SYNTHETIC_MODELS: dict[str, tuple[str, dict]] = {
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    # Gemma 3 270M's sizes in a llama block: a 262k vocabulary over a 640-wide model, the head
+    # well over half the weights (what Omega's prefill and the vocabulary product cost grow with)
+    "synthetic-270m-262k": ("sentencepiece", dict(
+        hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, vocab_size=262144, max_position_embeddings=32768,
+        tie_word_embeddings=True)),
 }
 
 

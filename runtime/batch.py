@@ -396,18 +396,34 @@ class Batcher:
 
     def mean_hidden(self, tokens: Sequence[int], seq: int) -> np.ndarray:
         """The mean of h_t over ``tokens`` decoded alone in sequence ``seq`` (left empty)."""
+        rows = [self.decoder.hidden(0, count) for _, count in self._alone(tokens, seq, 0, True)]
+        return np.concatenate(rows).mean(0)
+
+    def logits_alone(self, tokens: Sequence[int], seq: int, first: int) -> np.ndarray:
+        """The base logits of positions ``first``.. of ``tokens`` decoded alone in sequence ``seq``
+        (left empty); the rows before ``first`` are no outputs, so they pay no head."""
         rows = []
+        for start, count in self._alone(tokens, seq, first, False):
+            outputs = start + count - max(start, first)
+            if outputs > 0:
+                rows.append(self.decoder.output_logits(outputs).copy())
+        return np.concatenate(rows)
+
+    def _alone(self, tokens: Sequence[int], seq: int, outputs_from: int,
+               embeddings: bool) -> Iterator[tuple[int, int]]:
+        """Decode ``tokens`` from position 0 in the emptied sequence ``seq``, ``n_batch`` at a
+        time, positions from ``outputs_from`` on as outputs; (start, count) after each decode."""
         self.decoder.forget(seq)
         try:
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start : start + self.n_batch]
-                self.decoder.decode(chunk, range(start, start + len(chunk)), [seq] * len(chunk),
-                                    [True] * len(chunk), embeddings=True)
-                rows.append(self.decoder.hidden(0, len(chunk)))
+                positions = range(start, start + len(chunk))
+                self.decoder.decode(chunk, positions, [seq] * len(chunk),
+                                    [p >= outputs_from for p in positions], embeddings)
+                yield start, len(chunk)
         finally:
             self.decoder.forget(seq)
             self.cached[seq] = []
-        return np.concatenate(rows).mean(0)
 
 
 def _rows_of(matrix: np.ndarray, count: int) -> np.ndarray:

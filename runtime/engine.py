@@ -335,11 +335,14 @@ class ZptrLlama:
             raise OmegaModeError("an origin needs Omega on (a sidecar)")
         tokens = self.tokenize(text, special=False)
         self.check_prompt(tokens, generating=False)
+        return self.batcher.mean_hidden(tokens, self._free_slot("read an origin text"))
+
+    def _free_slot(self, purpose: str) -> int:
         self._use("batch")
         free = [seq for seq, holder in enumerate(self.batcher.slots) if holder is None]
         if not free:
-            raise ZptrError(f"all {self.n_parallel} slots are busy: no room to read an origin text")
-        return self.batcher.mean_hidden(tokens, free[-1])
+            raise ZptrError(f"all {self.n_parallel} slots are busy: no room to {purpose}")
+        return free[-1]
 
     def set_origin(self, text: Optional[str] = None, signature: Optional[np.ndarray] = None) -> None:
         """The default origin of the following requests, as a text or a ready signature s."""
@@ -524,6 +527,15 @@ class ZptrLlama:
         phases, deltas = recurrences(hidden, None, None, self.phase_decay)
         routing = self.router.route(hidden, phases, deltas, self.origin_term)
         return self.corrector.exact_rows(logits, routing.outputs), routing.routes, routing.margins
+
+    def logits_from(self, tokens: Sequence[int], first: int = 0) -> np.ndarray:
+        """ZPTR logits (T - first, V) of positions ``first``.. of ``tokens`` decoded from an empty
+        context, what llama-perplexity scores: with Omega off only those rows are outputs (the
+        head runs over them alone); with Omega on every row's h is read, as :meth:`teacher_forced`."""
+        if self.omega_on:
+            return self.teacher_forced(tokens)[0][first:]
+        self.check_prompt(list(tokens), generating=False)
+        return self.batcher.logits_alone(list(tokens), self._free_slot("score a text"), first)
 
     def close(self) -> None:
         self.decoder.close()

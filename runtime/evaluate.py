@@ -31,7 +31,7 @@ DEFAULT_CTX = 512
 
 
 class Scorer(Protocol):
-    def teacher_forced(self, tokens: Sequence[int]) -> tuple: ...
+    def logits_from(self, tokens: Sequence[int], first: int) -> np.ndarray: ...
 
 
 class TorchScorer:
@@ -53,11 +53,11 @@ class TorchScorer:
             raise ZptrError(f"{checkpoint}: --omega exact, but the checkpoint has no Omega router")
         self.reference = TorchReference(model, load_tokenizer(ckpt.base_model))
 
-    def teacher_forced(self, tokens: Sequence[int]) -> tuple:
+    def logits_from(self, tokens: Sequence[int], first: int) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            return self.reference.teacher_forced(tokens)
+            return np.asarray(self.reference.teacher_forced(tokens)[0])[first:]
 
 
 def _open_llama(path: Path, omega: str, ctx: int, threads: int):
@@ -105,10 +105,10 @@ def score_chunks(model: Scorer, chunks: Sequence[Sequence[int]], base: Optional[
     parts = []
     for chunk in tqdm(chunks, desc="eval", unit="chunk", disable=not progress):
         first = len(chunk) // 2
-        logits = np.asarray(model.teacher_forced(chunk)[0])[first:-1]
+        logits = model.logits_from(chunk, first)[:-1]
         base_logits = None
         if base is not None:
-            base_logits = np.asarray(base.teacher_forced(chunk)[0])[first:-1]
+            base_logits = base.logits_from(chunk, first)[:-1]
             if base_logits.shape != logits.shape:
                 raise ZptrError(f"the base model's vocabulary has {base_logits.shape[-1]} tokens, "
                                 f"the model's {logits.shape[-1]}: not the same tokenizer")

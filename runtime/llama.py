@@ -252,6 +252,12 @@ class Decoder:
         pointer = llama_cpp.llama_get_logits_ith(self.ctx, row)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
+    def output_logits(self, count: int) -> np.ndarray:
+        """Logits of the ``count`` output rows of the last decode, in batch order (a view, valid
+        until the next decode)."""
+        pointer = llama_cpp.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(pointer, shape=(count, self.n_vocab))
+
     def hidden(self, first: int, count: int) -> np.ndarray:
         """h of batch rows first..first+count of the last decode (embeddings on), a copy."""
         pointer = llama_cpp.llama_get_embeddings(self.ctx)

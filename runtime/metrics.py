@@ -68,20 +68,23 @@ class Scores:
     p_diff: Optional[np.ndarray] = None  # p(next token) - p_base(next token)
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    return -np.take_along_axis(log_softmax(logits), np.asarray(targets)[:, None], -1)[:, 0]
+def _nll(log_probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return -np.take_along_axis(log_probs, targets[:, None], -1)[:, 0]
 
 
 def score(logits: np.ndarray, targets: Sequence[int], base: Optional[np.ndarray] = None) -> Scores:
     """Scores of positions whose logits are the rows of ``logits`` (and ``base``), row i
-    predicting ``targets[i]``."""
+    predicting ``targets[i]``. Each side's log-softmax is computed once (float64)."""
     targets = np.asarray(targets)
-    nll = _nll(logits, targets)
+    got = log_softmax(logits)
+    nll = _nll(got, targets)
     if base is None:
         return Scores(nll)
-    nll_base = _nll(base, targets)
-    return Scores(nll, nll_base, kl_per_position(base, logits),
-                  np.argmax(base, -1) == np.argmax(logits, -1), np.exp(-nll) - np.exp(-nll_base))
+    ref = log_softmax(base)
+    nll_base = _nll(ref, targets)
+    kld = (np.exp(ref) * (ref - got)).sum(-1)
+    return Scores(nll, nll_base, kld, np.argmax(base, -1) == np.argmax(logits, -1),
+                  np.exp(-nll) - np.exp(-nll_base))
 
 
 def concatenate(parts: Sequence[Scores]) -> Scores:

@@ -170,3 +170,20 @@ def test_japanese_and_emoji_text_equals_the_tokens_decoded_at_once(llm):
         whole = b"".join(llm.token_bytes(t) for t in request.tokens).decode("utf-8", "replace")
         assert "".join(pieces) + request.tail == whole
         assert any(ord(ch) > 0x2E80 for ch in whole)  # the answer has CJK or emoji in it
+
+
+@pytest.mark.parametrize("prompt", ["日本語で答えてください。東京は", "私の趣味は"])
+def test_zptr_run_prints_what_the_hf_tokenizer_decodes(llm, smollm2_tokenizer, prompt, capsys):
+    """``zptr run --raw`` streams the greedy answer as whole characters: its output equals the HF
+    tokenizer's decoding of the same tokens at once (split characters were once U+FFFD; only an
+    answer cut by -n in the middle of a character ends in one, as the tokens decode)."""
+    from zptr.app.cli import main
+
+    request = llm.start(prompt, max_tokens=24, omega="off")
+    list(llm.run(request))
+    expected = smollm2_tokenizer.decode(request.tokens, skip_special_tokens=True)
+    assert any(ord(ch) > 0x2E80 for ch in expected)  # the answer has CJK or emoji in it
+    assert main(["run", str(llm.model_path), "-p", prompt, "--raw", "-n", "24", "--omega", "off",
+                 "-t", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == expected.strip() and "\ufffd" not in printed.strip()[:-1]

@@ -386,6 +386,9 @@ class ModelWorker:
             if job.cancelled.is_set():
                 self.batcher.cancel(job.request)
                 self.metrics.cancelled.inc()
+                # Its handler may still wait for an event (a plain request): without one it would
+                # wait until shutdown, and be cancelled there mid-await.
+                job.emit("error", ApiError(499, "the client closed the request", code="client_closed_request"))
                 self._finish(job)
 
     def _deliver(self, job: Job) -> None:

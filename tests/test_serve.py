@@ -35,6 +35,8 @@ SLOTS = 4  # the open server's slots: requests beyond them wait in its queue
 # request their answers equal the sequential ones bit for bit.
 STEP_TOKENS = 48
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SMALL_BODY = 65536  # the guarded server's --max-body-bytes
+CORS_ORIGIN = "http://app.example:3000"  # the guarded server's --cors
 
 
 class Server:
@@ -84,7 +86,7 @@ def setup(smollm2_omega, tmp_path_factory):
     try:
         # As the server runs it (the answers to compare with).
         llm = ZptrLlama(smollm2_omega, omega="fast", origin=ORIGIN, n_ctx=CTX, n_threads=2, n_threads_batch=2)
-        yield [s.wait_ready() for s in started] + [llm]
+        yield [s.wait_ready() for s in started] + [llm, Path(started[0].log.name)]
     finally:
         if llm is not None:
             llm.close()
@@ -103,6 +105,25 @@ def server(setup):
 def locked_server(setup):
     """With an API key and no waiting room: one request at a time, the next one gets 503."""
     return setup[1]
+
+
+@pytest.fixture(scope="module")
+def server_log(setup):
+    """The open server's stderr file."""
+    return setup[3]
+
+
+@pytest.fixture(scope="module")
+def guarded_server(smollm2_omega, tmp_path_factory):
+    """Tight limits, a CORS origin and no Host check: ``(URL, stderr file)``."""
+    log = tmp_path_factory.mktemp("guarded") / "guarded.err"
+    started = Server(smollm2_omega, log, *SERVER_ARGS, "-np", "1", "--timeout", "1",
+                     "--max-body-bytes", str(SMALL_BODY), "--cors", CORS_ORIGIN, "--host-check", "off")
+    try:
+        yield started.wait_ready(), log
+    finally:
+        errors = started.stop()
+        assert "Traceback" not in errors and started.process.returncode == 128 + signal.SIGTERM, errors
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +291,8 @@ def test_a_client_that_disconnects_frees_the_model(server, client, end_of_genera
         httpx.post(f"{server}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
     assert chat(client, "Name a colour.", 8) == expected
     assert metric(server, "zptr_cancelled_generations_total") == cancelled_before + SLOTS + 1
-    assert metric(server, "zptr_requests_total", **closed) == closed_before + 1  # its handler ended
+    # Both handlers ended: the one that waited in the queue and the plain one (not at shutdown).
+    assert metric(server, "zptr_requests_total", **closed) == closed_before + 2
     generated = metric(server, "zptr_completion_tokens_total") - tokens_before - expected[2]
     assert generated < 900, f"the abandoned requests generated {generated} tokens"
 
@@ -355,6 +377,262 @@ def test_metrics_are_prometheus_text(server, client):
     assert answered and answered[0].value >= 1
 
 
+def test_japanese_and_emoji_stream_as_whole_characters(client, engine):
+    """Each 🌊 is three tokens of byte pieces: the streamed text, the plain answer and llama.cpp's
+    detokenization of the generated tokens at once are one and the same text."""
+    question = "Repeat exactly: 🌊🌊🌊 日本語"
+    text, routes, count, _ = chat(client, question, 24)
+    assert "🌊" in text and "日本語" in text, text
+    streamed, streamed_routes, streamed_count, _ = chat(client, question, 24, stream=True)
+    assert (streamed, streamed_routes, streamed_count) == (text, routes, count)
+    engine.reset()
+    expected = engine.generate(engine.chat_tokens([{"role": "user", "content": question}]), 24)
+    assert expected.route_names == routes and len(expected.tokens) == count
+    assert engine.llm.detokenize(expected.tokens).decode("utf-8") == text
+    completion = client.completions.create(model="smol", prompt=question, max_tokens=12, temperature=0)
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="smol", prompt=question, max_tokens=12, temperature=0, stream=True)]
+    assert "".join(pieces) == completion.choices[0].text and "\ufffd" not in "".join(pieces)
+
+
+# ------------------------------------------------------------------------------ what is refused
+
+
+def raw_http(url: str, data: bytes, timeout: float = 10) -> tuple[int, dict, dict]:
+    """(status, headers, JSON body) of the answer to ``data`` sent on a fresh connection, read
+    until the server closes it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def assert_refused(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+    assert "\n" not in error["message"] and "Traceback" not in response.text
+
+
+def test_a_client_that_hangs_up_mid_upload_leaves_no_trace(server, server_log):
+    import socket
+    from urllib.parse import urlsplit
+
+    before = len(server_log.read_text())
+    prompt_tokens = metric(server, "zptr_prompt_tokens_total")
+    answered = lambda: sum(metric(server, "zptr_requests_total", endpoint="/v1/chat/completions",  # noqa: E731
+                                  status=status) for status in ("499", "500"))
+    counted = answered()
+    parts = urlsplit(server)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                     '{"messages": [{"role": "user", "con'.encode())
+        time.sleep(0.2)  # the handler is reading the body
+    for _ in range(100):  # its handler has ended
+        if answered() > counted:
+            break
+        time.sleep(0.05)
+    assert metric(server, "zptr_requests_total", endpoint="/v1/chat/completions", status="499") == counted + 1
+    time.sleep(0.2)
+    log = server_log.read_text()[before:]
+    assert "Traceback" not in log and "ClientDisconnect" not in log and "ERROR" not in log, log
+    assert metric(server, "zptr_prompt_tokens_total") == prompt_tokens  # the model did nothing
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(server, guarded_server):
+    from urllib.parse import urlsplit
+
+    # 20 MB announced, none sent: refused from the header alone, the connection closed.
+    netloc = urlsplit(server).netloc
+    status, headers, body = raw_http(server, f"POST /v1/chat/completions HTTP/1.1\r\nHost: {netloc}\r\n"
+                                     "Content-Type: application/json\r\nContent-Length: 20000000\r\n\r\n".encode())
+    assert status == 413 and headers["connection"] == "close"
+    assert body["error"]["code"] == "request_too_large" and "--max-body-bytes 2097152" in body["error"]["message"]
+    # A chunked body (no Content-Length) is counted as it arrives.
+    url, _ = guarded_server
+    netloc = urlsplit(url).netloc
+    chunks = [b"x" * 16384] * (SMALL_BODY // 16384) + [b"x"]  # one byte over, and no more (the
+    # server closes on what it has not read: a reset that could beat its answer)
+    data = (f"POST /v1/completions HTTP/1.1\r\nHost: {netloc}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode() + b"".join(
+        b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks)
+    status, headers, body = raw_http(url, data)
+    assert status == 413 and headers["connection"] == "close" and body["error"]["code"] == "request_too_large"
+    # Just under the limit it is read and answered (here: a prompt longer than the context).
+    fits = {"prompt": "word " * ((SMALL_BODY - 100) // 5), "max_tokens": 1}
+    assert len(json.dumps(fits)) < SMALL_BODY
+    response = httpx.post(f"{url}/v1/completions", json=fits)
+    assert response.status_code == 400 and "context holds" in response.json()["error"]["message"]
+    assert_refused(httpx.post(f"{url}/v1/completions", json={"prompt": "word " * SMALL_BODY}), 413,
+                   "request_too_large")
+
+
+def test_slow_headers_and_bodies_are_cut_off(guarded_server):
+    """--timeout 1: a connection whose headers are not in after a second is closed (held open,
+    hundreds of them would pin the server's file descriptors for ever); a late body gets 408."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url, log = guarded_server
+    parts = urlsplit(url)
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.create_connection((parts.hostname, parts.port), timeout=10))
+                 for _ in range(200)]
+        for sock in socks:
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n".encode())
+        kept = stack.enter_context(socket.create_connection((parts.hostname, parts.port), timeout=10))
+        kept.sendall(f"GET /health HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(b"}"):  # the whole answer (its JSON ends the body)
+            answer += kept.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /hea")  # the next request on a kept-alive connection, half sent
+        started = time.monotonic()
+        assert [sock.recv(100) for sock in socks + [kept]] == [b""] * (len(socks) + 1)  # closed by the server
+        assert time.monotonic() - started < 5
+    status, headers, body = raw_http(url, (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        'Content-Length: 100\r\n\r\n{"prompt": "x"').encode())
+    assert status == 408 and headers["connection"] == "close" and body["error"]["code"] == "request_timeout"
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+    assert "Traceback" not in log.read_text()
+
+
+def test_other_sites_pages_are_refused(server):
+    """A page of another site may POST a form or text/plain to any address without asking
+    (no preflight): its Origin header gives it away."""
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 2}
+    generated = metric(server, "zptr_completion_tokens_total")
+    for origin in ("http://evil.example", "null", server.replace("127.0.0.1", "localhost")):
+        assert_refused(httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Origin": origin}),
+                       403, "origin_not_allowed")
+        preflight = httpx.options(f"{server}/v1/chat/completions",
+                                  headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert_refused(preflight, 403, "origin_not_allowed")
+        assert "access-control-allow-origin" not in preflight.headers
+    assert_refused(httpx.get(f"{server}/v1/models", headers={"Origin": "http://evil.example"}), 403,
+                   "origin_not_allowed")
+    for headers, content in [({"Content-Type": "text/plain"}, json.dumps(body)),
+                             ({"Content-Type": "application/x-www-form-urlencoded"}, json.dumps(body)),
+                             ({"Content-Type": "multipart/form-data; boundary=x"}, "--x--"),
+                             ({}, json.dumps(body))]:
+        assert_refused(httpx.post(f"{server}/v1/completions", content=content, headers=headers), 415,
+                       "unsupported_media_type")
+    assert metric(server, "zptr_completion_tokens_total") == generated  # the model did nothing
+    # The server's own page (same origin) and JSON with a charset are answered.
+    own = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Origin": server})
+    assert own.status_code == 200 and "access-control-allow-origin" not in own.headers
+    local = server.replace("127.0.0.1", "localhost")
+    assert httpx.post(f"{local}/v1/chat/completions", json=body, headers={"Origin": local}).status_code == 200
+    charset = httpx.post(f"{server}/v1/chat/completions", content=json.dumps(body),
+                         headers={"Content-Type": "application/json; charset=utf-8"})
+    assert charset.status_code == 200
+
+
+def test_a_cors_origin_may_call_the_api(guarded_server):
+    url, _ = guarded_server
+    preflight = httpx.options(f"{url}/v1/chat/completions", headers={
+        "Origin": CORS_ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == CORS_ORIGIN
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert preflight.headers["access-control-allow-headers"] == "authorization, content-type, x-stainless-os"
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 2, "stream": True}
+    answer = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Origin": CORS_ORIGIN})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == CORS_ORIGIN
+    assert answer.text.rstrip().endswith("data: [DONE]")
+    refused = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Origin": "http://app.example:3001"})
+    assert_refused(refused, 403, "origin_not_allowed")
+    assert "access-control-allow-origin" not in refused.headers
+
+
+def test_the_host_header_is_checked(server, guarded_server):
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 is the server's
+    own origin, so the name itself is refused."""
+    port = server.rsplit(":", 1)[1]
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 2}
+    for host in ("evil.example", f"evil.example:{port}", f"localhost.evil.example:{port}"):
+        for response in (httpx.get(f"{server}/health", headers={"Host": host}),
+                         httpx.get(f"{server}/", headers={"Host": host}),
+                         httpx.post(f"{server}/v1/chat/completions", json=body,
+                                    headers={"Host": host, "Origin": f"http://{host}"})):
+            assert_refused(response, 403, "host_not_allowed")
+    for host in (f"localhost:{port}", "localhost:9000", f"127.0.0.1:{port}", f"[::1]:{port}", "LocalHost."):
+        assert httpx.get(f"{server}/health", headers={"Host": host}).status_code == 200, host
+    url, _ = guarded_server  # --host-check off
+    assert httpx.get(f"{url}/health", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_host_names_a_server_answers_to():
+    from zptr.app.server import HostCheck
+
+    local = HostCheck("127.0.0.1")
+    assert [local.allows(h) for h in ("localhost:8080", "app.localhost", "127.0.0.1", "[::1]:1", "127.9.9.9")] \
+        == [True] * 5
+    assert not any(local.allows(h) for h in ("evil.example", "192.168.1.5:8080", "", "[::1", "localhost.evil"))
+    named = HostCheck("0.0.0.0", ["Box.LAN", "proxy.example:443"])
+    assert all(named.allows(h) for h in ("box.lan:8080", "proxy.example", "192.168.1.5:8080", "[fe80::1]"))
+    assert not named.allows("evil.example:8080")
+    assert HostCheck("192.168.1.5").allows("192.168.1.5:8080") and not HostCheck("192.168.1.5").allows("10.0.0.1")
+
+
+def test_no_redirect_copies_the_host_header(server, guarded_server):
+    """Starlette's trailing-slash redirect builds its Location from Host: /metrics/ with
+    Host: evil.example sent the client to http://evil.example/metrics."""
+    url, _ = guarded_server
+    for base, headers in ((server, {}), (url, {"Host": "evil.example"})):
+        response = httpx.get(f"{base}/metrics/", headers=headers)
+        assert response.status_code == 404 and "location" not in response.headers
+        assert response.json()["error"]["type"] == "not_found_error"
+
+
+def test_sigterm_ends_running_streams_and_exits_at_once(smollm2_omega, tmp_path, end_of_generation):
+    """A stream in flight ends with an error event and [DONE], a waiting request gets 503, and the
+    server exits with 143, without waiting out uvicorn's graceful-shutdown timeout."""
+    started = Server(smollm2_omega, tmp_path / "stopped.err", *SERVER_ARGS, "-np", "1")
+    try:
+        url = started.wait_ready()
+        body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 900,
+                "temperature": 0, "logit_bias": end_of_generation}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=30) as response, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            lines = response.iter_lines()
+            next(line for line in lines if '"route": ' in line and '"content"' in line)  # it is generating
+            waiting = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=30)
+            while httpx.get(f"{url}/health").json()["queue_depth"] == 0:
+                time.sleep(0.02)
+            stopped_at = time.monotonic()
+            started.process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+            ended = time.monotonic() - stopped_at
+            refused = waiting.result()
+        assert ended < 2, f"the stream ended {ended:.1f} s after SIGTERM"
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "shutting_down"
+        assert_refused(refused, 503, "shutting_down")
+        started.process.wait(10)
+        exited = time.monotonic() - stopped_at
+        assert exited < 4, f"the server exited {exited:.1f} s after SIGTERM"
+    finally:
+        errors = started.stop()
+    assert started.process.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in errors, errors
+    assert "Traceback" not in errors and "ERROR" not in errors, errors
+
+
 # ------------------------------------------------------------------------------ API key, queue
 
 
@@ -411,6 +689,11 @@ def test_cli_refuses_bad_flags_and_a_taken_port_in_one_line(smollm2_omega, capsy
         for argv, message in [(["--queue", "-1"], "--queue must be 0 or more"),
                               (["--port", "70000"], "--port must lie in 0..65535"),
                               (["--api-key", " "], "--api-key is empty"),
+                              (["--max-body-bytes", "0"], "--max-body-bytes must be 1 or more"),
+                              (["--timeout", "0"], "--timeout must be more than 0 seconds"),
+                              (["--cors", "app.example"], "--cors 'app.example': an origin is"),
+                              (["--cors", "http://app.example/page"], "an origin is scheme://host[:port]"),
+                              (["--allowed-host", ""], "--allowed-host '': not a host name"),
                               (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
                               (["--port", "0", "--omega", "exact", "--sidecar", "/nonexistent.omega.gguf"],
                                "no Omega sidecar")]:

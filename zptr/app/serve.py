@@ -5,7 +5,9 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/mo
 ``GET /health``, ``GET /metrics`` (Prometheus) and the chat page at ``/``. ``-np N`` requests
 decode together (continuous batching); ``--queue N`` more may wait for a slot (beyond that: 503
 with Retry-After). ``--port 0`` picks a free
-port; the line printed at start-up names the address actually bound.
+port; the line printed at start-up names the address actually bound. Only ``Host`` names of this
+server, same-origin (or ``--cors``) pages and JSON POSTs are answered; ``--max-body-bytes`` and
+``--timeout`` bound a request's size and read time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 from ..errors import ConfigError, Interrupted, ZptrError
 from ..runtime.engine import DEFAULT_BATCH, OMEGA_MODES, ZptrLlama
 from .args import add_threads, threads
+
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # a 128k-token context of JSON-escaped text, with room
+DEFAULT_TIMEOUT_S = 20.0  # to send a request's headers, and its body after them
 
 DEFAULT_QUEUE = 16
 DEFAULT_PARALLEL = 4  # as llama-server, Ollama and LM Studio
@@ -54,6 +59,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", type=int, default=DEFAULT_QUEUE, metavar="N",
                         help=f"requests that may wait for the model (default {DEFAULT_QUEUE}); "
                              "one more gets 503 with Retry-After")
+    limits = parser.add_argument_group("security", "what the server answers at all (refusals are "
+                                       "OpenAI-style JSON errors)")
+    limits.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                        help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES}); a larger one "
+                             "gets 413 before it is read")
+    limits.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                        help=f"seconds a client has to send a request's headers, and then its body "
+                             f"(default {DEFAULT_TIMEOUT_S:g}); a late body gets 408, late headers "
+                             "a closed connection")
+    limits.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                        help="let pages of ORIGIN (scheme://host[:port]; repeatable) call the API: "
+                             "preflights answered, Access-Control-Allow-Origin set; requests whose "
+                             "Origin is another site's are refused (403) otherwise")
+    limits.add_argument("--host-check", choices=("on", "off"), default="on",
+                        help="on (default): answer only a Host of localhost, a loopback address, "
+                             "--host, an --allowed-host, or (binding 0.0.0.0 or ::) any IP address — "
+                             "DNS rebinding's names are refused (403)")
+    limits.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="one more Host name the server answers to (repeatable), e.g. the "
+                             "name a reverse proxy forwards")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -79,7 +104,8 @@ def _bind(host: str, port: int) -> socket.socket:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import create_app
+    from .httpd import GracefulServer, header_timeout_protocol
+    from .server import HostCheck, check_limits, cors_origin, create_app
 
     if args.n_gpu_layers < -1:
         raise ConfigError(f"-ngl must be -1 (all) or more, got {args.n_gpu_layers}")
@@ -87,6 +113,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--queue must be 0 or more, got {args.queue}")
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key is empty")
+    check_limits(args.max_body_bytes, args.timeout)
+    for origin in args.cors:
+        cors_origin(origin)
+    hosts = None if args.host_check == "off" else HostCheck(args.host, args.allowed_host)
     n_threads = threads(args.threads)
     sock = _bind(args.host, args.port)
     try:
@@ -96,7 +126,9 @@ def main(args: argparse.Namespace) -> int:
                         n_gpu_layers=args.n_gpu_layers)
         try:
             name = args.alias or Path(args.model).name.removesuffix(".gguf")
-            app = create_app(llm, model_name=name, api_key=args.api_key, queue_size=args.queue)
+            app = create_app(llm, model_name=name, api_key=args.api_key, queue_size=args.queue,
+                             hosts=hosts, cors=args.cors, max_body_bytes=args.max_body_bytes,
+                             timeout=args.timeout)
             sock.listen(128)
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
@@ -104,9 +136,10 @@ def main(args: argparse.Namespace) -> int:
                   f"{llm.n_ctx} tokens, {args.parallel} slots, queue {args.queue}"
                   f"{', API key required' if args.api_key else ''})", flush=True)
             config = uvicorn.Config(app, log_level="info" if args.verbose else "warning",
-                                    access_log=args.verbose, timeout_graceful_shutdown=5)
+                                    access_log=args.verbose, timeout_graceful_shutdown=5,
+                                    http=header_timeout_protocol(args.timeout))
             try:
-                uvicorn.Server(config).run(sockets=[sock])
+                GracefulServer(config, app.state.stop_generations).run(sockets=[sock])
             except Interrupted as err:  # uvicorn raises the signal again after its graceful shutdown
                 raise Interrupted(err.signum, f"stopped by {signal.Signals(err.signum).name}") from None
         finally:

@@ -19,6 +19,10 @@ carries ``routes`` (one route name per generated token; null with Omega off) and
 chunk's ``delta`` (``choices[0]`` for completions) a ``route`` (null on the chunks that carry no
 token). Ranges are checked by :class:`~zptr.runtime.sampling.SamplingSettings`, JSON types by
 strict pydantic models; every error is OpenAI's ``{"error": {message, type, param, code}}``.
+
+Before any of that, :class:`Guard` refuses what a page of another site, a DNS-rebound name or a
+client that sends too much or too slowly could ask (``Host``, ``Origin``, Content-Type, body size
+and read time); SIGTERM ends every stream with an error event and ``[DONE]`` (see ``httpd``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import queue
@@ -35,7 +40,8 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
+from typing import Any, AsyncIterator, Callable, Literal, Optional, Sequence, Union
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -44,12 +50,15 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 
 from ..config import CLUSTERS
 from ..errors import ConfigError, OmegaModeError, ZptrError
 from ..runtime.engine import FINISH_STOP, ZptrLlama
 from ..runtime.engine import Request as EngineRequest
 from ..runtime.sampling import SamplingSettings
+from .serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S
 
 log = logging.getLogger("zptr.serve")
 
@@ -57,6 +66,7 @@ RETRY_AFTER_S = 1
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                    "presence_penalty", "frequency_penalty", "seed", "stop", "logit_bias")
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+JSON_POSTS = ("/v1/chat/completions", "/v1/completions")
 
 
 # ------------------------------------------------------------------------------ errors
@@ -65,8 +75,10 @@ ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "
 class ApiError(Exception):
     """An answer in OpenAI's error shape."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 499: "client_closed_request", 503: "unavailable_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+             413: "invalid_request_error", 415: "invalid_request_error", 499: "client_closed_request",
+             503: "unavailable_error"}
 
     def __init__(self, status: int, message: str, param: Optional[str] = None,
                  code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
@@ -196,8 +208,13 @@ class CompletionRequest(_Generation):
 
 
 async def _parse(request: Request, model: type[_Generation]) -> _Generation:
-    """The request's JSON body as ``model`` (whatever its Content-Type: curl -d sends a form's)."""
-    raw = await request.body()
+    """The request's JSON body as ``model`` (its size, read time and Content-Type are
+    :class:`Guard`'s to check)."""
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # it hung up mid-upload: nothing to run, nobody to answer
+        raise ApiError(499, "the client closed the request while it sent its body",
+                       code="client_closed_request") from None
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as err:
@@ -274,13 +291,15 @@ class ModelWorker:
         """Queue ``job``, or refuse it with 503 when every slot is busy and ``queue_size`` jobs
         already wait."""
         with self._lock:
+            if self._stopping:
+                raise ApiError(503, "the server is shutting down", code="shutting_down")
             if self.waiting + len(self.running) >= self.queue_size + self.slots:
                 raise ApiError(503, f"the server is busy: {self.waiting} requests are waiting for a "
                                f"slot ({self.slots} slots, --queue {self.queue_size}); retry later",
                                code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
             self.waiting += 1
             job.state = "waiting"
-        self._arrivals.put(job)
+            self._arrivals.put(job)
 
     def cancel(self, job: Job) -> None:
         """The client went away: a waiting job leaves the queue now, a running one frees its slot
@@ -296,9 +315,12 @@ class ModelWorker:
                                    code="client_closed_request"))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End every running job with a final event and the thread (server shutdown)."""
-        self._stopping = True
-        self._arrivals.put(None)
+        """End every running job with a final event and the thread (server shutdown); a second
+        call only waits for the thread."""
+        with self._lock:  # no job can arrive behind the stop marker, unanswered
+            if not self._stopping:
+                self._stopping = True
+                self._arrivals.put(None)
         self._thread.join(timeout)
 
     # ---------------------------------------------------------------- the loop
@@ -386,6 +408,9 @@ class ModelWorker:
             if job.cancelled.is_set():
                 self.batcher.cancel(job.request)
                 self.metrics.cancelled.inc()
+                # Its handler may still wait for an event (a plain request): without one it would
+                # wait until shutdown, and be cancelled there mid-await.
+                job.emit("error", ApiError(499, "the client closed the request", code="client_closed_request"))
                 self._finish(job)
 
     def _deliver(self, job: Job) -> None:
@@ -522,6 +547,172 @@ class CountRequests:
         await self.app(scope, receive, counting_send)
 
 
+# ------------------------------------------------------------------------------ what a request may be
+
+
+def _host_name(value: str) -> str:
+    """The name in a Host header or --host value, lower case, without port, brackets or the
+    root's trailing dot (``[::1]:8080`` → ``::1``, ``Example.COM.:80`` → ``example.com``)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value, bracket, _ = value[1:].partition("]")
+        if not bracket:
+            return ""
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def _address(name: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address, None]:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+class HostCheck:
+    """The ``Host`` names the server answers to. A page of another site that rebinds its own DNS
+    name to this machine (DNS rebinding) reaches the server as the same origin under that name,
+    so names are checked: ``localhost`` (and ``*.localhost``), the bound host and ``allowed``.
+    An IP address cannot be rebound: a loopback one always passes, and any of them when the
+    server binds every interface (0.0.0.0, ::). The port is not checked: a forwarded port
+    (``ssh -L 9000:localhost:8080``) changes it."""
+
+    def __init__(self, bound: str, allowed: Sequence[str] = ()):
+        self.names, self.any_address = {"localhost"}, False
+        for value in (bound, *allowed):
+            name = _host_name(value)
+            if not name:
+                raise ConfigError(f"--allowed-host {value!r}: not a host name")
+            address = _address(name)
+            if address is not None and address.is_unspecified:
+                self.any_address = True
+            else:
+                self.names.add(name if address is None else str(address))
+
+    def allows(self, header: str) -> bool:
+        name = _host_name(header)
+        address = _address(name)
+        if address is not None:
+            return address.is_loopback or self.any_address or str(address) in self.names
+        return name in self.names or name.endswith(".localhost")
+
+
+def cors_origin(value: str) -> str:
+    """A --cors value as browsers send it in ``Origin`` (scheme://host[:port], lower case)."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") \
+            or parts.query or parts.fragment:
+        raise ConfigError(f"--cors {value!r}: an origin is scheme://host[:port], e.g. http://localhost:3000")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def check_limits(max_body_bytes: int, timeout: float) -> None:
+    if max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be 1 or more, got {max_body_bytes}")
+    if not timeout > 0:  # NaN too
+        raise ConfigError(f"--timeout must be more than 0 seconds, got {timeout:g}")
+
+
+class Guard:
+    """ASGI middleware: the requests a page of another site, a DNS-rebound name, or a client that
+    sends too much or too slowly could make, refused before the application reads their body.
+
+    - ``Host`` must pass ``hosts`` (None: not checked);
+    - an ``Origin`` header, when present, must be the server's own (the same host and port as
+      ``Host``: the chat page) or one of ``cors``, whose preflight ``OPTIONS`` is answered and whose
+      answers carry ``Access-Control-Allow-Origin``; browsers send ``Origin`` on every cross-site
+      POST, forms and ``text/plain`` ones included;
+    - the API's POST routes take ``Content-Type: application/json`` only (415): a form or
+      ``text/plain`` POST is the one a page may send cross-site without asking first;
+    - a body larger than ``max_body_bytes`` is refused with 413 from its ``Content-Length`` before
+      any of it is read, or once a chunked body passes the limit; the body must have arrived
+      ``timeout`` seconds after the headers (408). Both answers close the connection.
+    """
+
+    def __init__(self, app, *, hosts: Optional[HostCheck], cors: Sequence[str], max_body_bytes: int,
+                 timeout: float):
+        self.app, self.hosts, self.cors = app, hosts, frozenset(cors)  # as cors_origin writes them
+        self.max_body_bytes, self.timeout = max_body_bytes, timeout
+
+    def _refusal(self, scope, headers: Headers) -> Optional[ApiError]:
+        host = headers.get("host", "")
+        if self.hosts is not None and not self.hosts.allows(host):
+            return ApiError(403, f"Host {host!r} is not a name this server answers to (allow it with "
+                            "--allowed-host NAME, or --host-check off)", code="host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and origin.lower() not in self.cors \
+                and (not host or urlsplit(origin.lower()).netloc != host.lower()):
+            return ApiError(403, f"requests from the origin {origin!r} are refused (another site; allow "
+                            "it with --cors ORIGIN)", code="origin_not_allowed")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return ApiError(413, f"the request body is {length} bytes, more than the server takes "
+                            f"(--max-body-bytes {self.max_body_bytes})", code="request_too_large",
+                            headers={"Connection": "close"})
+        if scope["method"] == "POST" and scope["path"] in JSON_POSTS:
+            media = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media != "application/json":
+                return ApiError(415, f"Content-Type must be application/json (got {media or 'none'})",
+                                code="unsupported_media_type")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            return await refusal.response()(scope, receive, send)
+        origin = headers.get("origin", "").lower()
+        if origin in self.cors:
+            allow = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+            if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                allow.update({"Access-Control-Allow-Methods": "GET, POST",
+                              "Access-Control-Allow-Headers":
+                                  headers.get("access-control-request-headers", "authorization, content-type"),
+                              "Access-Control-Max-Age": "600"})
+                return await Response(status_code=204, headers=allow)(scope, receive, send)
+            send = self._with_headers(send, allow)
+        await self.app(scope, self._bounded(receive), send)
+
+    @staticmethod
+    def _with_headers(send, extra: dict[str, str]):
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
+            await send(message)
+        return sending
+
+    def _bounded(self, receive):
+        """``receive`` that counts the body against the limit and waits for it until the deadline."""
+        deadline = time.monotonic() + self.timeout
+        received, complete = 0, False
+
+        async def receiving():
+            nonlocal received, complete
+            if complete:  # the body is in: what comes next is a disconnect, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+                raise ApiError(408, f"the request body did not arrive within --timeout {self.timeout:g} s",
+                               code="request_timeout", headers={"Connection": "close"}) from None
+            if message["type"] != "http.request":
+                complete = True
+                return message
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise ApiError(413, f"the request body is more than the server takes (--max-body-bytes "
+                               f"{self.max_body_bytes})", code="request_too_large",
+                               headers={"Connection": "close"})
+            complete = not message.get("more_body", False)
+            return message
+
+        return receiving
+
+
 # ------------------------------------------------------------------------------ the application
 
 
@@ -539,11 +730,19 @@ async def _watch_disconnect(request: Request, job: Job, worker: ModelWorker) -> 
 
 
 def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = None,
-               queue_size: int = 16) -> FastAPI:
+               queue_size: int = 16, hosts: Optional[HostCheck] = HostCheck("127.0.0.1"),
+               cors: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               timeout: float = DEFAULT_TIMEOUT_S) -> FastAPI:
     """The server's application around a loaded engine (the model thread starts with it): the
-    engine's ``n_parallel`` slots decode together, ``queue_size`` more requests may wait."""
+    engine's ``n_parallel`` slots decode together, ``queue_size`` more requests may wait; what
+    requests it answers at all is :class:`Guard`'s (``hosts`` None: any ``Host``).
+
+    ``app.state.stop_generations()`` ends every generation with its final event: a server that
+    waits for open responses before the lifespan's shutdown (uvicorn) calls it first."""
     if queue_size < 0:
         raise ConfigError(f"--queue must be 0 or more, got {queue_size}")
+    check_limits(max_body_bytes, timeout)
+    cors = [cors_origin(origin) for origin in cors]
     metrics = Metrics(engine)
     n_ctx = engine.n_ctx
     state: dict[str, Any] = {}
@@ -559,9 +758,19 @@ def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = N
         finally:
             worker.stop()
 
-    # No /docs or /redoc: their pages load assets from a CDN, and the server works offline.
-    app = FastAPI(title="zptr serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.add_middleware(CountRequests, metrics=metrics)
+    # No /docs or /redoc: their pages load assets from a CDN, and the server works offline. No
+    # trailing-slash redirects: Starlette builds their Location from the request's Host.
+    app = FastAPI(title="zptr serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+                  redirect_slashes=False)
+    app.add_middleware(Guard, hosts=hosts, cors=cors, max_body_bytes=max_body_bytes, timeout=timeout)
+    app.add_middleware(CountRequests, metrics=metrics)  # outside the guard: its refusals count too
+
+    async def stop_generations() -> None:
+        worker: Optional[ModelWorker] = state.get("worker")
+        if worker is not None:
+            await asyncio.to_thread(worker.stop)
+
+    app.state.stop_generations = stop_generations
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -683,8 +892,9 @@ def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = N
                                     "usage": usage(prompt_tokens, info["completion_tokens"])})
                     yield _sse("[DONE]")
                     return
-                else:  # an error after the answer began: in the stream, as OpenAI does
+                else:  # an error after the answer began (or shutdown): in the stream, as OpenAI does
                     yield _sse(event[1].body())
+                    yield _sse("[DONE]")  # the stream ends as every stream ends, for clients that wait for it
                     return
         finally:
             worker.cancel(job)  # the client went away (or the stream ended: then a no-op)
@@ -738,4 +948,5 @@ def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = N
     return app
 
 
-__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "Job", "Metrics", "ModelWorker", "create_app"]
+__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "Guard", "HostCheck", "Job", "Metrics", "ModelWorker",
+           "check_limits", "cors_origin", "create_app"]

@@ -9,7 +9,7 @@ import pytest
 
 from zptr.runtime.batch import TextStream, tail_length
 from zptr.runtime.engine import ZptrLlama
-from zptr.testing import SAMPLE_PROMPTS as PROMPTS
+from model_fixtures import SAMPLE_PROMPTS as PROMPTS
 
 ORIGINS = [None, "Pirates and harbours.", None, "I write terse haiku about the moon."]
 MODES = ["fast", "exact", "off", "fast"]

@@ -17,7 +17,7 @@ from zptr.app.cli import main as cli_main
 from zptr.config import ZptrConfig
 from zptr.head import ZptrHead
 from zptr.model import ZptrModel
-from zptr.testing import tiny_model
+from model_fixtures import tiny_model
 
 
 def _trained_looking_head(kind: str = "so8", hidden: int = 64, alpha: float = 1.618) -> ZptrHead:

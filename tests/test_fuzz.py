@@ -30,7 +30,7 @@ from zptr.checkpoint import CONFIG_FILE, SOUL_FILE
 from zptr.convert import convert_model
 from zptr.fileio import sha256_file
 from zptr.formats.sidecar import sidecar_path_for
-from zptr.testing import build_tokenizer, make_checkpoint, save_tiny_model
+from model_fixtures import build_tokenizer, make_checkpoint, save_tiny_model
 
 TRIED: dict[str, int] = {}  # kind of input -> distinct inputs tried (printed at the end)
 

@@ -89,7 +89,7 @@ def _split_digits(tokenizer_json: Path) -> None:
 
 # Random-weight models of real shapes, generated into the cache when first asked for (never
 # shipped): speed and conversion at sizes where per-token overhead no longer dominates.
-# (tokenizer kind of zptr.testing, llama config)
+# (tokenizer kind of zptr.trained_tokenizers, llama config)
 SYNTHETIC_MODELS: dict[str, tuple[str, dict]] = {
     # TinyLlama 1.1B's shape
     "synthetic-1b": ("bpe:llama-bpe", dict(
@@ -116,7 +116,7 @@ def synthetic_hf_dir(name: str) -> Path:
     def write(tmp: Path) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .testing import build_tokenizer
+        from .trained_tokenizers import build_tokenizer
 
         kind, shape = SYNTHETIC_MODELS[name]
         tokenizer = build_tokenizer(kind, tmp / "tokenizer")

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from zptr.choices import RoutingKind
 from zptr.config import CLUSTERS, OmegaConfig
 
 BOUNDARY, DEPTH, PHASE, BASE = range(4)
@@ -136,7 +137,7 @@ class OmegaRouter:
         hidden = np.atleast_2d(np.asarray(hidden, np.float32))
         phase, delta = np.atleast_2d(phase), np.atleast_2d(delta)
         p = np.tanh(phase @ self.phase_w.T + self.phase_b + origin_term)
-        if self.config.routing == "resonance":
+        if self.config.routing == RoutingKind.RESONANCE:
             logits = self._apply(self.resonance, hidden, p, delta) + np.sin(
                 self._apply(self.resonance_sin, hidden, p, delta))
             weights = np.exp(logits - logits.max(1, keepdims=True))

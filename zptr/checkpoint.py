@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .choices import RotationKind
 from .config import FORMAT_VERSION, ZptrConfig, phase_status, sigmoid
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_directory, sha256_file
@@ -105,7 +106,7 @@ def head_tensors(head: ZptrHead) -> dict[str, torch.Tensor]:
     soul = head.soul
     tensors = {"soul.alpha": soul.alpha.detach().float().clone(),
                "soul.rotation": soul.rotation.matrix().detach().float().contiguous()}
-    if soul.rotation.kind == "so8":
+    if soul.rotation.kind == RotationKind.SO8:
         tensors["soul.generator"] = soul.rotation.generator.detach().float().clone()
     if head.omega is not None:
         for name, value in head.omega.state_dict().items():
@@ -118,7 +119,7 @@ def load_head_tensors(head: ZptrHead, tensors: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`head_tensors`; the generator wins over the materialised rotation."""
     soul = head.soul
     soul.alpha.copy_(tensors["soul.alpha"])
-    if soul.rotation.kind == "so8" and "soul.generator" in tensors:
+    if soul.rotation.kind == RotationKind.SO8 and "soul.generator" in tensors:
         soul.rotation.generator.copy_(tensors["soul.generator"])
     else:
         soul.rotation.load_matrix(tensors["soul.rotation"])
@@ -137,7 +138,7 @@ def validate_tensors(tensors: dict[str, torch.Tensor], config: ZptrConfig, where
         raise CheckpointError(f"{where}: soul.alpha or soul.rotation missing")
     rotation = tensors["soul.rotation"]
     d = config.hidden_size
-    expected = (d // 8, 8, 8) if config.rotation == "so8" else (d, d)
+    expected = (d // 8, 8, 8) if config.rotation == RotationKind.SO8 else (d, d)
     if tuple(rotation.shape) != expected:
         raise CheckpointError(
             f"{where}: soul.rotation has shape {tuple(rotation.shape)}, expected {expected} for "
@@ -148,7 +149,7 @@ def validate_tensors(tensors: dict[str, torch.Tensor], config: ZptrConfig, where
         raise CheckpointError(
             f"{where}: soul.rotation is not orthogonal (max |R^T R - I| = {ortho:.3g} > "
             f"{tolerance:.3g}, the float32 bound for {rotation.shape[-1]} x {rotation.shape[-1]})")
-    if config.rotation == "so8" and det < 0:
+    if config.rotation == RotationKind.SO8 and det < 0:
         raise CheckpointError(f"{where}: soul.rotation has a block with det {det:.3f}: not in SO(8)")
 
 
@@ -286,12 +287,12 @@ def load_seed_checkpoint(path: Path) -> Checkpoint:
     if not all(torch.isfinite(v.float()).all() for v in state.values()):
         raise CheckpointError(f"{file}: so8_rotation contains NaN or Inf")
     hidden = original.shape[-1]
-    rotation = Rotation(hidden, "dense")
+    rotation = Rotation(hidden, RotationKind.DENSE)
     try:
         rotation.dense.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{file}: so8_rotation does not load ({str(err).splitlines()[0]})") from None
-    config = ZptrConfig(hidden_size=hidden, rotation="dense")
+    config = ZptrConfig(hidden_size=hidden, rotation=RotationKind.DENSE)
     config.omega.enabled = False
     with torch.no_grad():
         tensors = {"soul.alpha": torch.tensor(float(alpha)), "soul.rotation": rotation.matrix().float()}

@@ -12,9 +12,10 @@ import argparse
 import sys
 from typing import Optional, TextIO
 
+from ..choices import OMEGA_MODES, FinishReason, OmegaMode
 from ..config import CLUSTERS
 from ..errors import ConfigError
-from ..runtime.engine import FINISH_CONTEXT, FINISH_STOP, OMEGA_MODES, Generation, ZptrLlama
+from ..runtime.engine import Generation, ZptrLlama
 from ..runtime.sampling import SamplingSettings
 from .args import add_threads, threads
 
@@ -73,9 +74,9 @@ def _emit(llm: ZptrLlama, tokens: list[int], settings: SamplingSettings, args: a
 
 
 def _notices(llm: ZptrLlama, result: Generation, err: TextIO) -> None:
-    if not result.tokens and result.finish_reason == FINISH_STOP:
+    if not result.tokens and result.finish_reason == FinishReason.STOP:
         err.write("zptr run: the model ended its answer at once (its first token ends the turn)\n")
-    if result.finish_reason == FINISH_CONTEXT:
+    if result.finish_reason == FinishReason.CONTEXT:
         err.write(f"zptr run: generation stopped at the end of the context ({llm.n_ctx} tokens; "
                   "raise -c/--ctx-size)\n")
 
@@ -85,7 +86,7 @@ def _summary(llm: ZptrLlama, result: Generation, args: argparse.Namespace, err: 
         histogram = "  ".join(f"{name} {count}" for name, count in result.route_histogram().items())
         err.write(f"routes: {histogram}\n")
         stats = llm.stats
-        if llm.mode == "fast":
+        if llm.mode == OmegaMode.FAST:
             err.write(f"omega fast: {stats.certified} certified, {stats.fallback} fallback "
                       f"({100 * stats.certified_share:.1f} % certified)\n")
         if not args.no_color:

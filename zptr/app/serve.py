@@ -17,7 +17,8 @@ import socket
 from pathlib import Path
 
 from ..errors import ConfigError, Interrupted, ZptrError
-from ..runtime.engine import DEFAULT_BATCH, OMEGA_MODES, ZptrLlama
+from ..choices import OMEGA_MODES
+from ..runtime.engine import DEFAULT_BATCH, ZptrLlama
 from .args import add_threads, threads
 
 DEFAULT_QUEUE = 16

@@ -45,9 +45,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..choices import FinishReason, JobState, OmegaMode, RequestMode
 from ..config import CLUSTERS
 from ..errors import ConfigError, OmegaModeError, ZptrError
-from ..runtime.engine import FINISH_STOP, ZptrLlama
+from ..runtime.engine import ZptrLlama
 from ..runtime.engine import Request as EngineRequest
 from ..runtime.sampling import SamplingSettings
 
@@ -131,7 +132,7 @@ class _Generation(_Strict):
     stream_options: Optional[StreamOptions] = None
     n: int = 1
     logprobs: Any = None
-    omega: Optional[Literal["off", "exact", "fast"]] = None
+    omega: Optional[RequestMode] = None
     origin: Optional[str] = None
 
     def unsupported(self) -> Optional[str]:
@@ -232,7 +233,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
-    state: str = "new"  # new | waiting | running | done | dropped
+    state: JobState = JobState.NEW
     request: Optional[EngineRequest] = None  # the engine's request, once the job has a slot
     answered: bool = False  # its first token went out
 
@@ -279,7 +280,7 @@ class ModelWorker:
                                f"slot ({self.slots} slots, --queue {self.queue_size}); retry later",
                                code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
             self.waiting += 1
-            job.state = "waiting"
+            job.state = JobState.WAITING
         self._arrivals.put(job)
 
     def cancel(self, job: Job) -> None:
@@ -287,9 +288,9 @@ class ModelWorker:
         before the next step."""
         job.cancelled.set()
         with self._lock:
-            if job.state != "waiting":
+            if job.state != JobState.WAITING:
                 return
-            job.state = "dropped"
+            job.state = JobState.DROPPED
             self.waiting -= 1
         # Its handler waits for a first event that the model thread will never send.
         job.emit("error", ApiError(499, "the client closed the request while it waited",
@@ -334,9 +335,9 @@ class ModelWorker:
         while self._waiting and self.batcher.has_room:
             job = self._waiting.popleft()
             with self._lock:
-                if job.state != "waiting":
+                if job.state != JobState.WAITING:
                     continue  # cancelled while it waited
-                job.state = "running"
+                job.state = JobState.RUNNING
                 self.waiting -= 1
             try:
                 job.request = request = self._start(job)
@@ -405,16 +406,16 @@ class ModelWorker:
         if count > 1 and request.first_at is not None:
             metrics.decode_tps.set((count - 1) / max(request.last_at - request.first_at, 1e-9))
         # llama.cpp's "context" (the context filled up) is OpenAI's "length".
-        finish = "stop" if request.finish_reason == FINISH_STOP else "length"
+        finish = FinishReason.STOP if request.finish_reason == FinishReason.STOP else FinishReason.LENGTH
         omega = {"mode": request.mode}
-        if request.mode == "fast":
+        if request.mode == OmegaMode.FAST:
             omega.update(certified=request.stats.certified, fallback=request.stats.fallback)
         job.emit("end", finish, request.tail, {"completion_tokens": count, "omega": omega})
         self._finish(job)
 
     def _finish(self, job: Job) -> None:
         with self._lock:
-            job.state = "done"
+            job.state = JobState.DONE
             if job in self.running:
                 self.running.remove(job)
 
@@ -431,7 +432,7 @@ class ModelWorker:
             self._fail(job, ApiError(503, "the server is shutting down", code="shutting_down"))
         while self._waiting:
             job = self._waiting.popleft()
-            if job.state == "waiting":
+            if job.state == JobState.WAITING:
                 self._fail(job, ApiError(503, "the server is shutting down", code="shutting_down"),
                            running=False)
 
@@ -643,7 +644,7 @@ def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = N
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice.update(text=text, logprobs=None)
-        choice.update(finish_reason=finish, routes=None if mode == "off" else routes)
+        choice.update(finish_reason=finish, routes=None if mode == OmegaMode.OFF else routes)
         return {**base, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": usage(prompt_tokens, info["completion_tokens"]), "omega": info["omega"]}
 

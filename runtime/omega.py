@@ -27,6 +27,7 @@ import numpy as np
 
 from zptr.choices import RoutingKind
 from zptr.config import CLUSTERS, OmegaConfig
+from zptr.tensor_names import Tensors
 
 BOUNDARY, DEPTH, PHASE, BASE = range(4)
 # A certified choice must win by more than float32 rounding could move it, so fast and exact
@@ -105,7 +106,7 @@ class OmegaRouter:
     """
 
     def __init__(self, tensors: dict[str, np.ndarray], config: OmegaConfig):
-        t = {name.removeprefix("omega."): np.asarray(v, np.float32) for name, v in tensors.items()}
+        t = {Tensors.router_name(name): np.asarray(v, np.float32) for name, v in tensors.items()}
         self.config = config
         d = self.hidden_size = t["phase.weight"].shape[0]
         self.gate = float(sigmoid(np.float64(t["gate"])))  # sigma(omega)

@@ -204,14 +204,16 @@ class HalfMatrix:
         import torch
 
         self._torch = torch
-        self.weights = torch.from_numpy(np.ascontiguousarray(matrix, np.float32)).half()
+        # Rounded to float16 by NumPy (round to nearest even, as torch's .half()): a new, writable
+        # array, where the model's matrix may be a read-only view torch would warn about.
+        self.weights = torch.from_numpy(np.ascontiguousarray(matrix, np.float32).astype(np.float16))
         self.factor = 1.01 * (3 * 2.0 ** -11 + matrix.shape[1] * 2.0 ** -24)
 
     def product(self, output: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            return torch.mv(self.weights, torch.from_numpy(np.ascontiguousarray(output, np.float32)).half()
-                            ).float().numpy()
+            vector = torch.from_numpy(np.ascontiguousarray(output, np.float32).astype(np.float16))
+            return torch.mv(self.weights, vector).float().numpy()
 
     @classmethod
     def build(cls, matrix: np.ndarray, row_norms: np.ndarray) -> Optional["HalfMatrix"]:

@@ -158,6 +158,19 @@ def test_the_package_imports_no_test_module():
             assert not {n.split(".")[0] for n in names} & test_modules, module
 
 
+def test_the_runtime_inspect_and_the_server_load_no_torch(smollm2_omega):
+    """The NumPy runtime, ``zptr inspect`` of a GGUF with its sidecar, and the server never load
+    torch (seconds of start-up and hundreds of MB for nothing)."""
+    code = ("import sys\nimport zptr.runtime.engine, zptr.app.server\nfrom zptr.app.cli import main\n"
+            "assert main(['inspect', sys.argv[1], '--json']) == 0\n"
+            "print('torch' in sys.modules, 'zptr.checkpoint' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(smollm2_omega)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"paired": true' in done.stdout
+    assert done.stdout.split()[-2:] == ["False", "False"]
+
+
 def test_the_wheel_installs_only_the_zptr_package(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                            "-q", "-w", str(tmp_path), str(REPO)], capture_output=True, text=True)

@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import gguf
 import numpy as np
-import torch
 
 from ..config import OmegaConfig
 from ..errors import SidecarError, ZptrError
@@ -68,8 +67,7 @@ def write_sidecar(path: Path, omega_tensors: dict[str, Any], omega: OmegaConfig,
     path, model_path = Path(path), Path(model_path)
     if Tensors.OMEGA_GATE not in omega_tensors:
         raise SidecarError(f"omega tensors lack {Tensors.OMEGA_GATE}: nothing to write a sidecar for")
-    arrays = {name: np.array(torch.as_tensor(value).detach().float().cpu().numpy(), order="C")
-              for name, value in omega_tensors.items()}
+    arrays = {name: _float32_array(value) for name, value in omega_tensors.items()}
     for name, value in arrays.items():
         if not np.isfinite(value).all():
             raise SidecarError(f"omega tensor {name} contains NaN or Inf")
@@ -96,6 +94,14 @@ def write_sidecar(path: Path, omega_tensors: dict[str, Any], omega: OmegaConfig,
         finally:
             writer.close()
     return path
+
+
+def _float32_array(value: Any) -> np.ndarray:
+    """A C-ordered float32 copy of a torch tensor (any device or dtype) or of an array, without
+    importing torch: the NumPy runtime and ``zptr inspect`` read sidecars and never need it."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.array(value, dtype=np.float32, order="C")
 
 
 def _required(reader, key: str, path: Path, kind: type) -> Any:

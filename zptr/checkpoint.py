@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .choices import RotationKind
 from .config import FORMAT_VERSION, ZptrConfig, phase_status, sigmoid
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, error_summary
 from .fileio import atomic_directory, sha256_file
 from .jsonio import JsonObject, read_json, read_object
 from .head import Rotation, ZptrHead, rotation_errors
@@ -270,7 +270,7 @@ def load_seed_checkpoint(path: Path) -> Checkpoint:
     except Exception as err:
         raise CheckpointError(
             f"{file}: refused by torch.load(weights_only=True) - not a plain tensor pickle "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+            f"({error_summary(err, with_type=True)})") from None
     if not isinstance(blob, dict) or "alpha" not in blob or "so8_rotation" not in blob:
         raise CheckpointError(f"{file}: expected a dict with 'alpha' and 'so8_rotation'")
     alpha = _seed_scalar(blob, "alpha", file)
@@ -292,7 +292,7 @@ def load_seed_checkpoint(path: Path) -> Checkpoint:
     try:
         rotation.dense.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"{file}: so8_rotation does not load ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{file}: so8_rotation does not load ({error_summary(err)})") from None
     config = ZptrConfig(hidden_size=hidden, rotation=RotationKind.DENSE)
     config.omega.enabled = False
     with torch.no_grad():

@@ -36,6 +36,15 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def check_file(path: PathLike, error: type[ZptrError], missing: str, not_a: str) -> Path:
+    """``path`` as a Path when it is a file; otherwise ``error``: ``"<path>: <missing>"`` when
+    nothing is there, ``"<path>: is a directory, not <not_a>"`` when something else is."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}" if not path.exists() else f"{path}: is a directory, not {not_a}")
+    return path
+
+
 def check_separate(inputs: Iterable[Optional[PathLike]], outputs: Iterable[Optional[PathLike]]) -> None:
     """Refuse an output that is an input, lies inside an input directory, or contains an input."""
     resolved_inputs = [Path(p).resolve() for p in inputs if p is not None]

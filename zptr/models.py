@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from .errors import OutputExistsError, ZptrError
+from .errors import OutputExistsError, ZptrError, error_summary
 from .families import family_of
 from .jsonio import read_json
 
@@ -190,7 +190,7 @@ def load_base_model(name_or_path: Union[str, Path], dtype: torch.dtype = torch.f
         # transformers' loaders raise these for weights and GGUF files they cannot map
         where = directory / gguf_file if gguf_file else directory
         raise ZptrError(f"{where}: transformers cannot load this model "
-                        f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
+                        f"({error_summary(err, 160, with_type=True)})") from None
     if gguf_file:
         model.hf_quantizer = None
     family_of(getattr(model.config, "model_type", None))
@@ -206,4 +206,4 @@ def load_tokenizer(name_or_path: Union[str, Path]):
         return AutoTokenizer.from_pretrained(str(directory), **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ZptrError(f"{directory}: transformers cannot load its tokenizer "
-                        f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
+                        f"({error_summary(err, 160, with_type=True)})") from None

@@ -20,7 +20,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from ..errors import Interrupted, ZptrError
+from ..errors import Interrupted, ZptrError, error_summary
 from . import args as common
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -99,8 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # a bug: still one line, never a traceback, unless asked for
         if os.environ.get("ZPTR_DEBUG"):
             raise
-        message = str(err).splitlines()[0] if str(err) else ""
-        print(f"{prefix}: internal error (a bug): {type(err).__name__}: {message} "
+        print(f"{prefix}: internal error (a bug): {error_summary(err, with_type=True)} "
               "(run with ZPTR_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_BUG
     finally:

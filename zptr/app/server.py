@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..choices import FinishReason, JobState, OmegaMode, RequestMode
 from ..config import CLUSTERS
-from ..errors import ConfigError, OmegaModeError, ZptrError
+from ..errors import ConfigError, OmegaModeError, ZptrError, error_summary
 from ..runtime.engine import ZptrLlama
 from ..runtime.engine import Request as EngineRequest
 from ..runtime.sampling import SamplingSettings
@@ -438,7 +438,7 @@ class ModelWorker:
 
 
 def _internal(err: Exception) -> ApiError:
-    message = str(err).splitlines()[0] if str(err).strip() else ""
+    message = error_summary(err) if str(err).strip() else ""
     return ApiError(500, f"internal error (a bug): {type(err).__name__}: {message}")
 
 

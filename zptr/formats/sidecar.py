@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import OmegaConfig
 from ..errors import SidecarError, ZptrError
-from ..fileio import atomic_file, sha256_file
+from ..fileio import atomic_file, check_file, sha256_file
 from ..tensor_names import Tensors
 from .gguf import field_value, open_gguf
 from .keys import Keys
@@ -117,10 +117,7 @@ def _required(reader, key: str, path: Path, kind: type) -> Any:
 
 def read_sidecar(path: Path) -> Sidecar:
     """Read and validate a sidecar; any defect raises :class:`SidecarError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise SidecarError(f"{path}: Omega sidecar not found" if not path.exists()
-                           else f"{path}: is a directory, not an Omega sidecar")
+    path = check_file(path, SidecarError, "Omega sidecar not found", "an Omega sidecar")
     try:
         reader = open_gguf(path, "Omega sidecar")
     except ZptrError as err:

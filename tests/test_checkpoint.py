@@ -176,3 +176,11 @@ def test_inspect_reports_and_verifies(tmp_path, capsys):
     (path / SOUL_FILE).write_bytes((path / SOUL_FILE).read_bytes()[:-8] + b"\0" * 8)
     assert cli_main(["inspect", str(path)]) == 1
     assert "sha256 mismatch" in capsys.readouterr().err
+
+
+def test_adapter_file_names_are_pefts():
+    from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    from zptr.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    assert (ADAPTER_CONFIG, ADAPTER_WEIGHTS) == (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)

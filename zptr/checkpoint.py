@@ -33,6 +33,9 @@ from .tensor_names import Tensors
 
 CONFIG_FILE = "zptr_config.json"
 SOUL_FILE = "soul.safetensors"
+# PEFT's own file names (peft.utils.constants CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME; a test
+# checks they agree): not imported, because importing peft costs seconds and a bitsandbytes
+# notice on stderr in commands that only read a checkpoint (convert, inspect).
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SEED_SOUL_FILE = "soul.pt"

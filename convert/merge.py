@@ -16,10 +16,9 @@ from typing import Any, Optional
 import torch
 from safetensors import safe_open
 
-from zptr.head import fold_lm_head
-
 from zptr.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from zptr.errors import ConvertError
+from zptr.head import fold_lm_head
 from zptr.jsonio import read_object
 
 EMBED = "model.embed_tokens.weight"

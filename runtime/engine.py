@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import llama_cpp
 import numpy as np
 
-from zptr.choices import OMEGA_MODES, REQUEST_MODES, FinishReason, OmegaMode
+from zptr.choices import REQUEST_MODES, FinishReason, OmegaMode
 from zptr.config import CLUSTERS
 from zptr.errors import ConfigError, OmegaModeError, ZptrError
 from zptr.formats.gguf import check_gguf_file, open_gguf, output_matrix

@@ -330,4 +330,5 @@ def test_tokens_added_during_fine_tuning_with_modules_to_save(workdir):
         reference = ((h + gate * h @ rotation.weight.double().T) @ merged.lm_head.weight.double().T).numpy()
     assert_parity(compare(reference, teacher_logits(result.model_path, ids)[1]), "qwen2")
     llm = open_llama(result.model_path, vocab_only=True)
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text, add_special_tokens=False).input_ids
+    assert (llm.tokenize(text.encode(), add_bos=False, special=True)
+            == tokenizer(text, add_special_tokens=False).input_ids)

@@ -172,7 +172,8 @@ def test_every_trainer_state_key_swapped_to_each_wrong_type(world, tmp_path):
             shutil.copytree(world["trained"], ckpt)
             (ckpt / "trainer_state" / "trainer_state.json").write_text(json.dumps({**state, key: wrong}))
             meta = json.loads((ckpt / CONFIG_FILE).read_text())
-            meta["files"]["trainer_state/trainer_state.json"] = sha256_file(ckpt / "trainer_state" / "trainer_state.json")
+            state_file = ckpt / "trainer_state" / "trainer_state.json"
+            meta["files"]["trainer_state/trainer_state.json"] = sha256_file(state_file)
             (ckpt / CONFIG_FILE).write_text(json.dumps(meta))
             assert_refused(["train", "--resume", ckpt, "--output-dir", out, "--max-steps", "3", "--no-progress"],
                            [ckpt], out, ("trainer_state.json",), "trainer state key swaps")
@@ -203,7 +204,7 @@ def test_model_truncated_at_every_section(world, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     cut = tmp_path / "cut.gguf"
-    for section, offset in section_offsets(model).items():
+    for offset in section_offsets(model).values():
         cut.write_bytes(data[:offset])
         for argv in (["inspect", cut], ["run", cut, "-p", "hi", "--omega", "off", "-c", "512"],
                      ["quantize", cut, out / "q.gguf", "q4_0"]):
@@ -216,7 +217,7 @@ def test_sidecar_truncated_at_every_section(world, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     cut = tmp_path / "cut.omega.gguf"
-    for section, offset in section_offsets(sidecar).items():
+    for offset in section_offsets(sidecar).values():
         cut.write_bytes(data[:offset])
         for argv in (["inspect", cut], ["run", world["model"], "--sidecar", cut, "--omega", "fast", "-p", "hi",
                                         "-c", "512"]):

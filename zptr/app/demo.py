@@ -232,7 +232,8 @@ def main(args: argparse.Namespace) -> int:
                "bench_summary": bench["summary"]}
     _write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
-    print(f"\ndone in {timings['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})")
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
+    print(f"\ndone in {timings['total']:.0f} s ({steps})")
     print("outputs:")
     width = max(len(k) for k in outputs)
     for name, path in outputs.items():

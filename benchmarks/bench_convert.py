@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The test models and references (model_fixtures) live with the tests: they do not ship.
+sys.path.insert(0, str(ROOT / "tests"))
 CHUNK = 16 << 20
 
 
@@ -88,7 +90,7 @@ def largest_tensor_f32(directory: Path) -> tuple[str, int]:
 
 
 def build_checkpoint(base: Path, out: Path) -> Path:
-    from zptr.testing import make_checkpoint
+    from model_fixtures import make_checkpoint
 
     return make_checkpoint(base, out)
 
@@ -101,6 +103,7 @@ def run_child(source: Path, outfile: Path, outtype: str) -> dict:
 
 
 def quality(work: Path, base: Path, ckpt: Path) -> dict[str, dict]:
+    from model_fixtures import MIXED_TEXT, reference_model, torch_logits
     from zptr.convert import convert_model
     from zptr.convert.hf_export import export_hf
     from zptr.convert.merge import LoraAdapter, MergedModel, SafetensorsWeights
@@ -110,7 +113,6 @@ def quality(work: Path, base: Path, ckpt: Path) -> dict[str, dict]:
     from zptr.runtime.llama import teacher_logits
     from zptr.runtime.metrics import compare
     from zptr.runtime.reference import unfolded_soul_logits
-    from zptr.testing import MIXED_TEXT, reference_model, torch_logits
 
     ids = load_tokenizer(base)(MIXED_TEXT, add_special_tokens=False).input_ids
     reference = torch_logits(reference_model(ckpt, base), ids)

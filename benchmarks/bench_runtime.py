@@ -29,7 +29,9 @@ from zptr.convert import convert_model
 from zptr.dataset import mixed_text_path
 from zptr.runtime.engine import ZptrLlama
 from zptr.runtime.llama import open_llama
-from zptr.testing import SAMPLE_PROMPTS as PROMPTS
+
+# The sample prompts live with the tests (model_fixtures): they do not ship.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def build_model(workdir: Path, gate: float, base: str = "bundled") -> Path:
@@ -139,7 +141,9 @@ def main() -> int:
         report_timing(paths, bare, engines, prompt, args)
     fast_stats = engines["fast"].stats
     fast_stats.reset()
-    prompts = (PROMPTS * 2)[: args.equality_prompts]
+    from model_fixtures import SAMPLE_PROMPTS
+
+    prompts = (SAMPLE_PROMPTS * 2)[: args.equality_prompts]
 
     equal = sum(engines["fast"].generate(p, args.equality_tokens).tokens
                 == engines["exact"].generate(p, args.equality_tokens).tokens for p in prompts)

@@ -1,8 +1,9 @@
 """Training throughput and memory of ``zptr train`` on the bundled SmolLM2-135M.
 
 For full precision, 4-bit NF4 and full precision with gradient checkpointing, each run is a
-fresh subprocess (so its peak RSS is its own): it trains ``--steps`` steps on the sample corpus and reports tokens/s (median over the steps
-after the first, which pays one-time costs) and its peak RSS, printed next to the
+fresh subprocess (so its peak RSS is its own): it trains ``--steps`` steps on the sample corpus
+and reports tokens/s (median over the steps after the first, which pays one-time costs) and its
+peak RSS, printed next to the
 ``--dry-run`` estimate for the same settings.
 
     .venv/bin/python benchmarks/bench_train.py [--steps 8] [--batch-size 2] [--max-length 128]

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from zptr.dataset import calibration_ids, llama_chunks, sample_corpus_path
-from zptr.errors import ConvertError, ImatrixError
+from zptr.errors import ConvertError, ImatrixError, error_summary
 from zptr.families import family_of
 from zptr.fileio import sha256_file
 from zptr.formats.gguf import OUTPUT, architecture, field_value, open_gguf
@@ -170,7 +170,7 @@ def model_from_gguf(path: Path) -> CalibrationModel:
         lm = load_base_model(path)
     except Exception as err:  # transformers' GGUF loader raises many kinds for files it cannot map
         raise ConvertError(f"{path}: transformers cannot load this GGUF "
-                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+                           f"({error_summary(err, 160, with_type=True)})") from None
     family = family_of(getattr(lm.config, "model_type", None))
     names = _linear_names(lm, family, lm.config.num_hidden_layers)
     return CalibrationModel(lm, _tokenizer(path), names, gguf_shapes(path), path.name)

@@ -16,9 +16,9 @@ from typing import Any, Optional
 import torch
 from safetensors import safe_open
 
-from zptr.head import fold_lm_head
-
+from zptr.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from zptr.errors import ConvertError
+from zptr.head import fold_lm_head
 from zptr.jsonio import read_object
 
 EMBED = "model.embed_tokens.weight"
@@ -97,7 +97,7 @@ class LoraAdapter:
 
     def __init__(self, directory: Path):
         directory = Path(directory)
-        config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+        config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
         if not weights_path.is_file():
             raise ConvertError(f"{weights_path}: missing (the adapter config has no weights next to it)")
         config = read_object(config_path)

@@ -95,19 +95,19 @@ def llama_quantize(infile: Path, outfile: Path, outtype: str, *, embedding_type:
            "threads": threads, "embedding_type": embedding_type, "kv_overrides": kv_overrides or {},
            "imatrix": str(imatrix) if imatrix else None, "imatrix_name": imatrix_name}
     log = current()
-    proc = subprocess.Popen([sys.executable, "-m", "zptr.convert.quantize_worker", json.dumps(job)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            encoding="utf-8", errors="replace")
     tail: list[str] = []
-    try:
-        for line in proc.stderr:
-            feed_relayed(log, line)
-            tail = (tail + [line.partition("|")[2] or line])[-5:]
-        status = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+    # The context closes the child's stderr pipe and waits for it, on an interrupt too.
+    with subprocess.Popen([sys.executable, "-m", "zptr.convert.quantize_worker", json.dumps(job)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          encoding="utf-8", errors="replace") as proc:
+        try:
+            for line in proc.stderr:
+                feed_relayed(log, line)
+                tail = (tail + [line.partition("|")[2] or line])[-5:]
+            status = proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
     if status != 0:
         detail = " ".join(line.strip() for line in tail if line.strip())[-300:]
         raise ConvertError(f"llama.cpp could not quantize {infile} to {outtype}"

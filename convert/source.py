@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 from zptr.checkpoint import CONFIG_FILE, SEED_SOUL_FILE, Checkpoint, load_checkpoint
 from zptr.config import FORMAT_VERSION
-from zptr.errors import ConfigError, ConvertError, ZptrError
+from zptr.errors import ConfigError, ConvertError, ZptrError, error_summary
 from zptr.families import Family, family_of
 from zptr.fileio import sha256_file
 from zptr.formats.keys import Keys
@@ -64,7 +64,7 @@ def hf_config(directory: Path):
         return AutoConfig.from_pretrained(str(directory))
     except Exception as err:  # transformers raises many kinds for a config it cannot read
         raise ConvertError(f"{path}: transformers cannot read this config "
-                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+                           f"({error_summary(err, 160, with_type=True)})") from None
 
 
 def _base(reference: PathLike):
@@ -87,7 +87,7 @@ def _base(reference: PathLike):
         raise
     except Exception as err:  # transformers' GGUF loader raises many kinds for files it cannot map
         raise ConvertError(f"{path}: transformers cannot load this GGUF as a base model "
-                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+                           f"({error_summary(err, 160, with_type=True)})") from None
     family_of(getattr(model.config, "model_type", None))
     return StateDictWeights(model.state_dict()), model.config, path, path
 

@@ -28,10 +28,11 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from zptr.choices import FinishReason, OmegaMode
 from zptr.config import CLUSTERS
 from zptr.errors import ZptrError
 
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from .engine import ZptrLlama
     from .llama import Sampler
 
-FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT, FINISH_CANCELLED = "stop", "length", "context", "cancelled"
 # float32 keeps 24 bits of mantissa: a phase term weighted below 2^-24 of the newest is lost.
 FLOAT32_RESOLUTION = 2.0 ** -24
 
@@ -72,7 +72,7 @@ class Generation:
     pieces: list[str] = field(default_factory=list)  # text of each generated token
     prefill_s: float = 0.0  # prompt decode up to the first sampled token
     decode_s: float = 0.0  # every later token
-    finish_reason: str = FINISH_LENGTH  # stop (end of generation token) | length | context
+    finish_reason: FinishReason = FinishReason.LENGTH
     tail: str = ""  # text held back until the end (an unfinished character, a stop string's start)
 
     @property
@@ -117,13 +117,13 @@ class TextStream:
 class Request:
     """One generation: made by :meth:`ZptrLlama.start`, advanced by a :class:`Batcher`."""
 
-    def __init__(self, prompt: list[int], settings: SamplingSettings, mode: str,
+    def __init__(self, prompt: list[int], settings: SamplingSettings, mode: OmegaMode,
                  origin_term: Optional[np.ndarray], tail: Optional[int],
                  sampler: Optional["Sampler"]):
         self.prompt, self.settings, self.mode = prompt, settings, mode
         self.origin_term = origin_term
         self.sampler = sampler  # None: the lean greedy choice
-        self.tail_start = 0 if (tail is None or mode == "off") else max(0, len(prompt) - tail)
+        self.tail_start = 0 if (tail is None or mode == OmegaMode.OFF) else max(0, len(prompt) - tail)
         self.seq: Optional[int] = None
         self.n_past = 0  # positions of this request's sequence in the KV cache
         self.pending: Optional[int] = None  # sampled, not yet decoded
@@ -145,7 +145,7 @@ class Request:
 
     @property
     def omega_on(self) -> bool:
-        return self.mode != "off"
+        return self.mode != OmegaMode.OFF
 
     @property
     def done(self) -> bool:
@@ -168,7 +168,7 @@ class Request:
         return Generation(prompt_tokens=list(self.prompt), tokens=list(self.tokens),
                           routes=list(self.routes), pieces=list(self.pieces),
                           prefill_s=first - self.created, decode_s=end - first,
-                          finish_reason=self.finish_reason or FINISH_LENGTH, tail=self.tail)
+                          finish_reason=self.finish_reason or FinishReason.LENGTH, tail=self.tail)
 
 
 @dataclass
@@ -232,12 +232,12 @@ class Batcher:
         self.slots[seq] = request
         self.order.append(request)
         if request.settings.max_tokens == 0:
-            self._release(request, FINISH_LENGTH)
+            self._release(request, FinishReason.LENGTH)
 
     def cancel(self, request: Request) -> None:
         """Stop ``request`` now (its client left); its slot is free for the next step."""
         if not request.done:
-            self._release(request, FINISH_CANCELLED)
+            self._release(request, FinishReason.CANCELLED)
 
     def _release(self, request: Request, reason: str) -> None:
         request.finish(reason)
@@ -358,7 +358,7 @@ class Batcher:
         now = time.perf_counter()
         if engine.is_end(token) and not settings.ignore_eos:
             request.last_at = request.last_at or now
-            self._release(request, FINISH_STOP)
+            self._release(request, FinishReason.STOP)
             return
         request.first_at = request.first_at or now
         request.last_at = now
@@ -369,11 +369,11 @@ class Batcher:
             request.routes.append(route)
         request.outbox.append(Token(token, piece, route))
         if request.text.stopped:
-            self._release(request, FINISH_STOP)
+            self._release(request, FinishReason.STOP)
         elif len(request.tokens) >= settings.max_tokens:
-            self._release(request, FINISH_LENGTH)
+            self._release(request, FinishReason.LENGTH)
         elif request.n_past >= engine.n_ctx:
-            self._release(request, FINISH_CONTEXT)
+            self._release(request, FinishReason.CONTEXT)
         else:
             request.pending = token
 
@@ -447,5 +447,4 @@ def prompt_history(prompt: Sequence[int]) -> Sequence[int]:
     return prompt[-PENALTY_WINDOW:]
 
 
-__all__ = ["Batcher", "FINISH_CANCELLED", "FINISH_CONTEXT", "FINISH_LENGTH", "FINISH_STOP",
-           "Generation", "Request", "TextStream", "Token", "tail_length"]
+__all__ = ["Batcher", "Generation", "Request", "TextStream", "Token", "tail_length"]

@@ -38,23 +38,21 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import llama_cpp
 import numpy as np
 
+from zptr.choices import REQUEST_MODES, FinishReason, OmegaMode
 from zptr.config import CLUSTERS
 from zptr.errors import ConfigError, OmegaModeError, ZptrError
 from zptr.formats.gguf import check_gguf_file, open_gguf, output_matrix
 from zptr.formats.sidecar import Sidecar, check_pairing, read_sidecar, sidecar_path_for
 
-from .batch import (FINISH_CANCELLED, FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, Batcher, Generation,
-                    Request, Token, prompt_history, tail_length)
+from .batch import Batcher, Generation, Request, Token, prompt_history, tail_length
 from .llama import Decoder, HiddenLlama, Sampler, open_llama, token_piece
 from .omega import Corrector, CorrectionStats, OmegaRouter, recurrences
 from .sampling import PENALTY_WINDOW, SamplingSettings
 
-OMEGA_MODES = ("auto", "off", "exact", "fast")
-REQUEST_MODES = OMEGA_MODES[1:]  # what one request may ask for
 DEFAULT_BATCH = 512
 
 
-def collect(prompt_tokens: list[int], stream: Iterator[Token], finish=lambda: FINISH_LENGTH) -> Generation:
+def collect(prompt_tokens: list[int], stream: Iterator[Token], finish=lambda: FinishReason.LENGTH) -> Generation:
     """Drain a ``stream`` of tokens into a :class:`Generation`, timed: prefill is the time to the
     first token, decode the time of every later one. ``finish()`` gives the finish reason."""
     result = Generation(prompt_tokens=prompt_tokens)
@@ -158,7 +156,7 @@ class OmegaLogitsProcessor:
 
     def __init__(self, engine: "ZptrLlama", keep: Optional[int], logit_bias: Optional[dict] = None):
         self.engine = engine
-        self.mode = engine.mode if keep is not None else "exact"
+        self.mode = engine.mode if keep is not None else OmegaMode.EXACT
         self.keep = keep or 1
         self.bias = dict(logit_bias or {})
         self.routes: list[int] = []
@@ -170,7 +168,7 @@ class OmegaLogitsProcessor:
             return logits
         routing = engine.route_position(len(input_ids) - 1)
         self.routes.append(int(routing.routes[0]))
-        if self.mode == "fast":
+        if self.mode == OmegaMode.FAST:
             return engine.corrector.fast(logits, routing.outputs[0], self.keep)
         return engine.corrector.exact(logits, routing.outputs[0])
 
@@ -192,20 +190,19 @@ class ZptrLlama:
                  n_ctx: int = 2048, n_parallel: int = 1, n_batch: int = DEFAULT_BATCH,
                  cache_prompt: bool = True, f32_kv: bool = False, max_candidates: int = 256,
                  blas_threads: Optional[int] = 1, **llama_kwargs: Any):
-        if omega not in OMEGA_MODES:
-            raise OmegaModeError(f"omega mode {omega!r} is not one of {', '.join(OMEGA_MODES)}")
+        omega = OmegaMode.parse(omega, "omega mode", OmegaModeError)
         for name, value in (("n_ctx (-c)", n_ctx), ("n_parallel (-np)", n_parallel),
                             ("n_batch (-b)", n_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.model_path = check_gguf_file(model_path)  # before its sidecar's name is derived from it
         self.sidecar: Optional[Sidecar] = self._find_sidecar(sidecar, omega)
-        self.mode = ("fast" if self.sidecar else "off") if omega == "auto" else omega
+        self.mode = (OmegaMode.FAST if self.sidecar else OmegaMode.OFF) if omega == OmegaMode.AUTO else omega
         self.mode_at_load = self.mode
-        on = self.mode != "off"
+        on = self.mode != OmegaMode.OFF
         if origin and not on:
             raise OmegaModeError("an origin text needs Omega on, but Omega is off "
-                                 f"({'--omega off' if omega == 'off' else 'no sidecar found'})")
+                                 f"({'--omega off' if omega == OmegaMode.OFF else 'no sidecar found'})")
         # Flash attention (llama-server's default where it runs) skips the masked cells of the
         # other sequences instead of summing their zeros: a request's answer is then bit for bit
         # the same alone and among others. Without it the unified cache's interleaved cells change
@@ -252,12 +249,12 @@ class ZptrLlama:
             self.llm.state_hooks = (self.track.snapshot, self.track.restore)
             self.set_origin(origin)
 
-    def _find_sidecar(self, sidecar: Optional[Union[str, Path]], omega: str) -> Optional[Sidecar]:
-        if omega == "off":
+    def _find_sidecar(self, sidecar: Optional[Union[str, Path]], omega: OmegaMode) -> Optional[Sidecar]:
+        if omega == OmegaMode.OFF:
             return None
         path = Path(sidecar) if sidecar else sidecar_path_for(self.model_path)
         if not path.exists():
-            if omega == "auto" and sidecar is None:
+            if omega == OmegaMode.AUTO and sidecar is None:
                 return None
             raise OmegaModeError(f"omega {omega}: no Omega sidecar at {path} (convert the "
                                  "checkpoint to get one, or run with --omega off)")
@@ -267,18 +264,18 @@ class ZptrLlama:
     @property
     def omega_on(self) -> bool:
         """Whether requests correct logits with Omega unless they ask otherwise."""
-        return self.mode != "off"
+        return self.mode != OmegaMode.OFF
 
     @property
     def has_omega(self) -> bool:
         """Whether a sidecar is loaded (h_t is available, any mode can run)."""
-        return self.sidecar is not None and self.mode_at_load != "off"
+        return self.sidecar is not None and self.mode_at_load != OmegaMode.OFF
 
-    def request_mode(self, omega: Optional[str] = None, origin: Optional[str] = None) -> str:
+    def request_mode(self, omega: Optional[str] = None, origin: Optional[str] = None) -> OmegaMode:
         """The Omega mode a request runs in (None: the engine's), refused when it cannot run."""
-        if omega is not None and omega not in REQUEST_MODES:
-            raise OmegaModeError(f"omega mode {omega!r} is not one of {', '.join(REQUEST_MODES)}")
-        if (omega not in (None, "off") or origin) and not self.has_omega:
+        if omega is not None:
+            omega = OmegaMode.parse(omega, "omega mode", OmegaModeError, REQUEST_MODES)
+        if (omega not in (None, OmegaMode.OFF) or origin) and not self.has_omega:
             raise OmegaModeError("this model runs without Omega (no sidecar, or started with omega "
                                  "off): a request cannot turn it on")
         return omega or self.mode
@@ -391,7 +388,7 @@ class ZptrLlama:
         self.check_settings(settings)
         mode = self.request_mode(omega, origin)
         origin_term = None
-        if mode != "off":
+        if mode != OmegaMode.OFF:
             if origin_signature is None and origin:
                 origin_signature = self.origin_signature(origin)
             origin_term = (self.router.origin_term(origin_signature) if origin_signature is not None
@@ -430,7 +427,7 @@ class ZptrLlama:
         return request.result()
 
     # ---------------------------------------------------------------- the math of one row
-    def choose_greedy(self, logits: np.ndarray, mode: str, routed, stats: CorrectionStats) -> int:
+    def choose_greedy(self, logits: np.ndarray, mode: OmegaMode, routed, stats: CorrectionStats) -> int:
         """The greedy token of one row: argmax of the base logits with Omega off; with Omega the
         argmax of the corrected ones (``fast``: certified by the norm bound, often before o_t is
         computed). ``routed`` = (routing of the step, this row's index in it)."""
@@ -438,7 +435,7 @@ class ZptrLlama:
             return int(np.argmax(logits))
         routing, k = routed
         corrector = self.corrector
-        if mode == "fast":
+        if mode == OmegaMode.FAST:
             token = corrector.greedy_before_output(logits, routing.output_bound(k, self.router.hidden_size),
                                                    stats)
             if token is not None:
@@ -446,12 +443,12 @@ class ZptrLlama:
             return int(np.argmax(corrector.fast(logits, routing.output(k), 1, stats)))
         return corrector.exact_choice(logits, routing.output(k), stats)
 
-    def correct(self, logits: np.ndarray, mode: str, routed, keep: Optional[int],
+    def correct(self, logits: np.ndarray, mode: OmegaMode, routed, keep: Optional[int],
                 stats: CorrectionStats) -> np.ndarray:
         """One row's corrected logits for a sampler: exact, or ``fast`` (whose top ``keep``
         tokens and their values equal the exact mode's; None: unbounded, so exact)."""
         routing, k = routed
-        if mode == "fast" and keep is not None:
+        if mode == OmegaMode.FAST and keep is not None:
             return self.corrector.fast(logits, routing.output(k), keep, stats)
         return self.corrector.exact(logits, routing.output(k), stats)
 
@@ -542,6 +539,4 @@ class ZptrLlama:
         self.llm.close()
 
 
-__all__ = ["FINISH_CANCELLED", "FINISH_CONTEXT", "FINISH_LENGTH", "FINISH_STOP", "Generation",
-           "OMEGA_MODES", "OmegaLogitsProcessor", "OmegaTrack", "REQUEST_MODES", "Request", "Token",
-           "ZptrLlama", "collect"]
+__all__ = ["Generation", "OmegaLogitsProcessor", "OmegaTrack", "Request", "Token", "ZptrLlama", "collect"]

@@ -20,13 +20,13 @@ from typing import Iterator, Optional, Protocol, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
+from zptr.choices import EVAL_MODES
 from zptr.dataset import check_chunking, llama_chunks, read_text
 from zptr.errors import ZptrError
 
 from .metrics import Scores, concatenate, score, statistics
 
 PathLike = Union[str, Path]
-EVAL_MODES = ("off", "exact")
 DEFAULT_CTX = 512
 
 
@@ -137,5 +137,5 @@ def evaluate(model: PathLike, text_file: PathLike, *, kl_base: Optional[PathLike
             "omega": omega, "chunks": len(windows), "ctx": ctx, **statistics(scores)}
 
 
-__all__ = ["DEFAULT_CTX", "EVAL_MODES", "TorchScorer", "evaluate", "evaluation_chunks",
+__all__ = ["DEFAULT_CTX", "TorchScorer", "evaluate", "evaluation_chunks",
            "open_base", "score_chunks"]

@@ -25,7 +25,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from zptr.choices import RoutingKind
 from zptr.config import CLUSTERS, OmegaConfig
+from zptr.tensor_names import Tensors
 
 BOUNDARY, DEPTH, PHASE, BASE = range(4)
 # A certified choice must win by more than float32 rounding could move it, so fast and exact
@@ -104,7 +106,7 @@ class OmegaRouter:
     """
 
     def __init__(self, tensors: dict[str, np.ndarray], config: OmegaConfig):
-        t = {name.removeprefix("omega."): np.asarray(v, np.float32) for name, v in tensors.items()}
+        t = {Tensors.router_name(name): np.asarray(v, np.float32) for name, v in tensors.items()}
         self.config = config
         d = self.hidden_size = t["phase.weight"].shape[0]
         self.gate = float(sigmoid(np.float64(t["gate"])))  # sigma(omega)
@@ -136,7 +138,7 @@ class OmegaRouter:
         hidden = np.atleast_2d(np.asarray(hidden, np.float32))
         phase, delta = np.atleast_2d(phase), np.atleast_2d(delta)
         p = np.tanh(phase @ self.phase_w.T + self.phase_b + origin_term)
-        if self.config.routing == "resonance":
+        if self.config.routing == RoutingKind.RESONANCE:
             logits = self._apply(self.resonance, hidden, p, delta) + np.sin(
                 self._apply(self.resonance_sin, hidden, p, delta))
             weights = np.exp(logits - logits.max(1, keepdims=True))
@@ -202,14 +204,16 @@ class HalfMatrix:
         import torch
 
         self._torch = torch
-        self.weights = torch.from_numpy(np.ascontiguousarray(matrix, np.float32)).half()
+        # Rounded to float16 by NumPy (round to nearest even, as torch's .half()): a new, writable
+        # array, where the model's matrix may be a read-only view torch would warn about.
+        self.weights = torch.from_numpy(np.ascontiguousarray(matrix, np.float32).astype(np.float16))
         self.factor = 1.01 * (3 * 2.0 ** -11 + matrix.shape[1] * 2.0 ** -24)
 
     def product(self, output: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            return torch.mv(self.weights, torch.from_numpy(np.ascontiguousarray(output, np.float32)).half()
-                            ).float().numpy()
+            vector = torch.from_numpy(np.ascontiguousarray(output, np.float32).astype(np.float16))
+            return torch.mv(self.weights, vector).float().numpy()
 
     @classmethod
     def build(cls, matrix: np.ndarray, row_norms: np.ndarray) -> Optional["HalfMatrix"]:

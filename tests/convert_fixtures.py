@@ -1,6 +1,6 @@
 """Glue for the converter and runtime tests: tokenizer + tiny model in one call, llama.cpp logits.
 
-The builders and references themselves live in :mod:`zptr.testing` (shared with the benchmarks).
+The builders and references themselves live in :mod:`model_fixtures` (shared with the benchmarks).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from zptr.families import FAMILIES
 from zptr.runtime.llama import teacher_logits
 from zptr.runtime.metrics import compare  # noqa: F401  (re-exported for the tests)
-from zptr.testing import (MIXED_TEXT, build_tokenizer, make_checkpoint,  # noqa: F401
+from model_fixtures import (MIXED_TEXT, build_tokenizer, make_checkpoint,  # noqa: F401
                           make_seed_checkpoint, reference_model, save_tiny_model, torch_logits)
 
 

@@ -3,7 +3,7 @@
 Layers, bottom to top: core (zptr/*.py, zptr/training) <- formats (zptr/formats) <- convert
 (zptr.convert, folder convert/) and runtime (zptr.runtime, folder runtime/) <- app (zptr/app).
 A layer imports only the layers below it and itself; only the app (and ``python -m zptr``)
-imports both convert and runtime.
+imports both convert and runtime; no module imports itself through others.
 """
 
 from __future__ import annotations
@@ -42,22 +42,67 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imported(module: str, path: Path) -> set[str]:
-    """The zptr modules ``module`` imports (absolute or relative), at any depth of the file."""
+def _type_checking_only(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, (ast.Name, ast.Attribute)) and \
+        ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+
+
+def _import_nodes(tree: ast.AST, run_time_only: bool):
+    """Every import statement at any depth; with ``run_time_only``, none under ``if TYPE_CHECKING:``
+    (those never execute, so they make no cycle)."""
+    for node in ast.iter_child_nodes(tree):
+        if run_time_only and _type_checking_only(node):
+            yield from (n for orelse in node.orelse for n in _import_nodes(ast.Module([orelse], []), True))
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        yield from _import_nodes(node, run_time_only)
+
+
+def imported(module: str, path: Path, known: frozenset[str] = frozenset(),
+             run_time_only: bool = False) -> set[str]:
+    """The zptr modules ``module`` imports (absolute or relative), at any depth of the file.
+    ``from package import name`` names the submodule ``package.name`` when ``known`` has it."""
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _import_nodes(ast.parse(path.read_text(encoding="utf-8")), run_time_only):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            names.add(target)
+            continue
+        if node.level:
+            base = package.split(".")
+            base = base[: len(base) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+        else:
+            target = node.module or ""
+        for alias in node.names:
+            names.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in known else target)
     return {n for n in names if n == "zptr" or n.startswith("zptr.")}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of ``graph`` (module -> the modules it imports) as a path that ends where it
+    starts, or [] when there is none: a depth-first search that meets a module still on its path."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return []
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if found := visit(target):
+                return found
+        path.pop()
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        if found := visit(module):
+            return found
+    return []
 
 
 def test_imports_run_one_way():
@@ -76,6 +121,54 @@ def test_only_the_app_imports_both_convert_and_runtime():
         layers = {layer(t) for t in imported(module, path)}
         if {"convert", "runtime"} <= layers:
             assert layer(module) == "app", module
+
+
+def test_no_import_cycle():
+    """No module imports itself through others, lazily inside a function included: a cycle makes
+    what works depend on which module is imported first."""
+    found = modules()
+    known = frozenset(found)
+    graph = {module: imported(module, path, known, run_time_only=True) - {module}
+             for module, path in found.items()}
+    cycle = import_cycle(graph)
+    assert not cycle, " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_cycles():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_the_cycle_check_reads_lazy_and_submodule_imports(tmp_path):
+    source = tmp_path / "engine.py"
+    source.write_text("from typing import TYPE_CHECKING\nfrom . import batch\nif TYPE_CHECKING:\n"
+                      "    from .llama import Sampler\ndef f():\n    from zptr.models import x\n")
+    known = frozenset({"zptr.runtime.batch", "zptr.runtime.llama", "zptr.models"})
+    assert imported("zptr.runtime.engine", source, known, run_time_only=True) == {"zptr.runtime.batch",
+                                                                                  "zptr.models"}
+    assert "zptr.runtime.llama" in imported("zptr.runtime.engine", source, known)
+
+
+def test_the_package_imports_no_test_module():
+    """The test models and references live in tests/ and never ship: no zptr module imports them."""
+    test_modules = {path.stem for path in (REPO / "tests").glob("*.py")}
+    for module, path in modules().items():
+        for node in _import_nodes(ast.parse(path.read_text(encoding="utf-8")), run_time_only=False):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            assert not {n.split(".")[0] for n in names} & test_modules, module
+
+
+def test_the_runtime_inspect_and_the_server_load_no_torch(smollm2_omega):
+    """The NumPy runtime, ``zptr inspect`` of a GGUF with its sidecar, and the server never load
+    torch (seconds of start-up and hundreds of MB for nothing)."""
+    code = ("import sys\nimport zptr.runtime.engine, zptr.app.server\nfrom zptr.app.cli import main\n"
+            "assert main(['inspect', sys.argv[1], '--json']) == 0\n"
+            "print('torch' in sys.modules, 'zptr.checkpoint' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(smollm2_omega)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"paired": true' in done.stdout
+    assert done.stdout.split()[-2:] == ["False", "False"]
 
 
 def test_the_wheel_installs_only_the_zptr_package(tmp_path):

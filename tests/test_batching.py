@@ -9,7 +9,7 @@ import pytest
 
 from zptr.runtime.batch import TextStream, tail_length
 from zptr.runtime.engine import ZptrLlama
-from zptr.testing import SAMPLE_PROMPTS as PROMPTS
+from model_fixtures import SAMPLE_PROMPTS as PROMPTS
 
 ORIGINS = [None, "Pirates and harbours.", None, "I write terse haiku about the moon."]
 MODES = ["fast", "exact", "off", "fast"]
@@ -68,7 +68,8 @@ def test_a_requests_answer_does_not_depend_on_the_others_origins_or_modes(llm):
     (exact <-> fast, other origin texts): the first request's tokens and routes are the same, so
     no Omega state passes between requests."""
     runs = []
-    for origins, modes in ((ORIGINS, MODES), ([None, "Cooking pasta.", None, "Cats."], ["fast", "fast", "off", "exact"])):
+    for origins, modes in ((ORIGINS, MODES),
+                           ([None, "Cooking pasta.", None, "Cats."], ["fast", "fast", "off", "exact"])):
         requests = [llm.start(p, max_tokens=20, omega=m, origin=o)
                     for p, m, o in zip(PROMPTS, modes, origins)]
         _together(llm, requests)

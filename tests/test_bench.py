@@ -187,7 +187,7 @@ def test_a_noisy_path_runs_again_alone_and_its_last_run_is_kept(monkeypatch, tmp
                                                    ([quiet, noisy], 2, 1, quiet),
                                                    ([noisy, quiet], 0, 1, noisy)):
         calls = iter(sequence)
-        monkeypatch.setattr(run, "run_worker", lambda _job: next(calls))
+        monkeypatch.setattr(run, "run_worker", lambda _job, calls=calls: next(calls))
         got, runs = run.run_path_until_quiet(job, retries)
         assert (got, runs) == (kept, expected_runs)
     assert noisy_timing(noisy.modes["off"]) and not noisy_timing(quiet.modes["off"])

@@ -17,7 +17,7 @@ from zptr.app.cli import main as cli_main
 from zptr.config import ZptrConfig
 from zptr.head import ZptrHead
 from zptr.model import ZptrModel
-from zptr.testing import tiny_model
+from model_fixtures import tiny_model
 
 
 def _trained_looking_head(kind: str = "so8", hidden: int = 64, alpha: float = 1.618) -> ZptrHead:
@@ -176,3 +176,11 @@ def test_inspect_reports_and_verifies(tmp_path, capsys):
     (path / SOUL_FILE).write_bytes((path / SOUL_FILE).read_bytes()[:-8] + b"\0" * 8)
     assert cli_main(["inspect", str(path)]) == 1
     assert "sha256 mismatch" in capsys.readouterr().err
+
+
+def test_adapter_file_names_are_pefts():
+    from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    from zptr.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    assert (ADAPTER_CONFIG, ADAPTER_WEIGHTS) == (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)

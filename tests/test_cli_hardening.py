@@ -26,7 +26,8 @@ from zptr.app.cli import main as zptr_main
 from zptr.checkpoint import CONFIG_FILE
 from zptr.convert import convert_model
 from zptr.fileio import sha256_file
-from zptr.testing import build_tokenizer, make_checkpoint, save_tiny_model
+from model_fixtures import make_checkpoint, save_tiny_model
+from zptr.trained_tokenizers import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NO_SPACE = os.strerror(errno.ENOSPC).lower()
@@ -131,7 +132,8 @@ def test_a_read_only_output_directory_is_one_line(world, tmp_path, monkeypatch, 
         monkeypatch.setattr(tempfile, "mkstemp", refused)
         monkeypatch.setattr(tempfile, "mkdtemp", refused)
     try:
-        line = fails(capsys, ["convert", world["ckpt"], "--outfile", locked / "m.gguf", "--outtype", "f32", "--no-progress"],
+        line = fails(capsys, ["convert", world["ckpt"], "--outfile", locked / "m.gguf", "--outtype", "f32",
+                              "--no-progress"],
                      locked / "m.gguf", code=74)
         assert "read-only" in line or "permission denied" in line, line
         assert listing(locked) == []
@@ -255,7 +257,8 @@ def test_inputs_that_were_internal_errors(world, tmp_path, capsys):
     deep = tmp_path / "deep.jsonl"
     deep.write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n")
     fails(capsys, [*train, "--data", deep, "--output-dir", tmp_path / "r1"], "deep.jsonl:2", "nested too deeply")
-    fails(capsys, ["imatrix", world["ckpt"], "--data", deep, "-o", tmp_path / "i.gguf", "--no-progress"], "deep.jsonl:2",
+    fails(capsys, ["imatrix", world["ckpt"], "--data", deep, "-o", tmp_path / "i.gguf", "--no-progress"],
+          "deep.jsonl:2",
           "nested too deeply")
     surrogate = tmp_path / "surrogate.jsonl"
     surrogate.write_text('{"text": "half a pair \\ud800 here"}\n')
@@ -302,7 +305,8 @@ def test_a_fifo_is_refused_not_read_forever(tmp_path):
 
 @pytest.mark.parametrize("seed", [2**64, -1, 2**70])
 def test_seeds_outside_64_bits_are_refused(seed, world, capsys):
-    fails(capsys, ["run", world["model"], "-p", "hi", "-n", "2", "-s", seed], "seed must lie in 0..18446744073709551615")
+    fails(capsys, ["run", world["model"], "-p", "hi", "-n", "2", "-s", seed],
+          "seed must lie in 0..18446744073709551615")
 
 
 def test_the_server_refuses_the_same_seeds():
@@ -383,7 +387,8 @@ def test_checkpoint_configs_are_read_by_one_strict_schema(defect, world, tmp_pat
     shutil.copytree(world["ckpt"], ckpt)
     meta = json.loads((ckpt / CONFIG_FILE).read_text())
     (ckpt / CONFIG_FILE).write_text(json.dumps(change(meta)))
-    fails(capsys, ["convert", ckpt, "--outfile", tmp_path / "m.gguf", "--outtype", "f32", "--no-progress"], CONFIG_FILE, message)
+    fails(capsys, ["convert", ckpt, "--outfile", tmp_path / "m.gguf", "--outtype", "f32", "--no-progress"],
+          CONFIG_FILE, message)
     fails(capsys, ["inspect", ckpt], CONFIG_FILE, message)
     assert not (tmp_path / "m.gguf").exists()
 

@@ -18,7 +18,7 @@ from zptr.formats.gguf import open_gguf, zptr_metadata
 from convert_fixtures import (MIXED_TEXT, assert_parity, compare, llama_logits, make_checkpoint,
                               make_seed_checkpoint, reference_model, save_tiny_with_tokenizer,
                               sentencepiece_tokenizer, torch_logits)
-from zptr.testing import ARCHITECTURES, save_tiny_model
+from model_fixtures import ARCHITECTURES, save_tiny_model
 
 F32_KL = 1e-6
 N_TOKENS = 320

@@ -232,14 +232,14 @@ def test_killed_conversion_leaves_no_output(sig, tmp_path):
         out.write_bytes(b"previous")
     cmd = [sys.executable, "-m", "zptr", "convert", str(smollm2_hf_dir()), "--outfile", str(out),
            "--outtype", "f32", "--overwrite", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _wait_for_temp(tmp_path, out.name, 50_000_000, proc)
-        proc.send_signal(sig)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            _wait_for_temp(tmp_path, out.name, 50_000_000, proc)
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode != 0
     if sig == signal.SIGKILL:
         assert out.read_bytes() == b"previous"

@@ -32,9 +32,10 @@ from zptr.runtime.engine import ZptrLlama
 from zptr.runtime.llama import open_llama, teacher_logits
 from zptr.runtime.metrics import compare
 from zptr.runtime.reference import TorchReference
+from zptr.trained_tokenizers import CHAT_MARKUP
 from convert_fixtures import assert_parity
-from zptr.testing import (CHAT_MARKUP, MIXED_TEXT, build_tokenizer, reference_model,
-                          save_family_fixture, save_tiny_model, tiny_model, torch_logits)
+from model_fixtures import (MIXED_TEXT, TINY_CONFIGS, TINY_TOKENIZERS, build_tokenizer, reference_model,
+                            save_family_fixture, save_tiny_model, tiny_model, torch_logits)
 
 F32_KL = 1e-6
 N_TOKENS = 320
@@ -69,11 +70,17 @@ def test_registry_entries_are_complete():
     assert len(model_types) == len(set(model_types))
     for name, family in FAMILIES.items():
         assert family.gguf_arch in gguf.MODEL_ARCH_NAMES.values(), name
-        assert family.tiny_tokenizer in CHAT_MARKUP, name
+        assert TINY_TOKENIZERS[name] in CHAT_MARKUP, name
         assert "default" in family.rope_kinds, name
         linear = {n.rsplit(".", 1)[-1] for n, m in tiny_model(name).named_modules()
                   if isinstance(m, torch.nn.Linear)}
         assert set(family.lora_targets) <= linear, name
+
+
+def test_every_registry_entry_has_a_tiny_model():
+    """The tiny models live with the tests, not in the registry: an entry without one would
+    silently escape every parity test."""
+    assert set(TINY_CONFIGS) == set(FAMILIES) == set(TINY_TOKENIZERS)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -288,7 +295,7 @@ def test_tokens_added_during_fine_tuning_with_modules_to_save(workdir):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from zptr.testing import seed_rotation
+    from model_fixtures import seed_rotation
 
     directory = workdir / "modules-to-save"
     tokenizer = build_tokenizer("sentencepiece", directory / "tokenizer")
@@ -323,4 +330,5 @@ def test_tokens_added_during_fine_tuning_with_modules_to_save(workdir):
         reference = ((h + gate * h @ rotation.weight.double().T) @ merged.lm_head.weight.double().T).numpy()
     assert_parity(compare(reference, teacher_logits(result.model_path, ids)[1]), "qwen2")
     llm = open_llama(result.model_path, vocab_only=True)
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text, add_special_tokens=False).input_ids
+    assert (llm.tokenize(text.encode(), add_bos=False, special=True)
+            == tokenizer(text, add_special_tokens=False).input_ids)

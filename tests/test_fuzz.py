@@ -30,7 +30,7 @@ from zptr.checkpoint import CONFIG_FILE, SOUL_FILE
 from zptr.convert import convert_model
 from zptr.fileio import sha256_file
 from zptr.formats.sidecar import sidecar_path_for
-from zptr.testing import build_tokenizer, make_checkpoint, save_tiny_model
+from model_fixtures import build_tokenizer, make_checkpoint, save_tiny_model
 
 TRIED: dict[str, int] = {}  # kind of input -> distinct inputs tried (printed at the end)
 
@@ -172,7 +172,8 @@ def test_every_trainer_state_key_swapped_to_each_wrong_type(world, tmp_path):
             shutil.copytree(world["trained"], ckpt)
             (ckpt / "trainer_state" / "trainer_state.json").write_text(json.dumps({**state, key: wrong}))
             meta = json.loads((ckpt / CONFIG_FILE).read_text())
-            meta["files"]["trainer_state/trainer_state.json"] = sha256_file(ckpt / "trainer_state" / "trainer_state.json")
+            state_file = ckpt / "trainer_state" / "trainer_state.json"
+            meta["files"]["trainer_state/trainer_state.json"] = sha256_file(state_file)
             (ckpt / CONFIG_FILE).write_text(json.dumps(meta))
             assert_refused(["train", "--resume", ckpt, "--output-dir", out, "--max-steps", "3", "--no-progress"],
                            [ckpt], out, ("trainer_state.json",), "trainer state key swaps")
@@ -203,7 +204,7 @@ def test_model_truncated_at_every_section(world, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     cut = tmp_path / "cut.gguf"
-    for section, offset in section_offsets(model).items():
+    for offset in section_offsets(model).values():
         cut.write_bytes(data[:offset])
         for argv in (["inspect", cut], ["run", cut, "-p", "hi", "--omega", "off", "-c", "512"],
                      ["quantize", cut, out / "q.gguf", "q4_0"]):
@@ -216,7 +217,7 @@ def test_sidecar_truncated_at_every_section(world, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     cut = tmp_path / "cut.omega.gguf"
-    for section, offset in section_offsets(sidecar).items():
+    for offset in section_offsets(sidecar).values():
         cut.write_bytes(data[:offset])
         for argv in (["inspect", cut], ["run", world["model"], "--sidecar", cut, "--omega", "fast", "-p", "hi",
                                         "-c", "512"]):

@@ -22,7 +22,7 @@ from zptr.checkpoint import CONFIG_FILE
 from zptr.convert import convert_model
 from zptr.fileio import sha256_file
 from zptr.formats.sidecar import sidecar_path_for
-from zptr.testing import build_tokenizer, make_checkpoint, save_tiny_model
+from model_fixtures import build_tokenizer, make_checkpoint, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,9 +104,11 @@ CONFIG_DEFECTS = {
     "step forty": (lambda m: {**m, "step": "forty"}, "step must be an integer"),
     "step negative": (lambda m: {**m, "step": -3}, "step must not be negative"),
     "base_model 42": (lambda m: {**m, "base_model": 42}, "base_model must be a string or null"),
-    "target inf": (lambda m: {**m, "zptr": {**m["zptr"], "schedule": {**m["zptr"]["schedule"], "target": float("inf")}}},
+    "target inf": (lambda m: {**m, "zptr": {**m["zptr"], "schedule": {**m["zptr"]["schedule"],
+                                                                      "target": float("inf")}}},
                    "target must be a finite number"),
-    "negative warmup": (lambda m: {**m, "zptr": {**m["zptr"], "schedule": {**m["zptr"]["schedule"], "warmup_steps": -4}}},
+    "negative warmup": (lambda m: {**m, "zptr": {**m["zptr"], "schedule": {**m["zptr"]["schedule"],
+                                                                           "warmup_steps": -4}}},
                         "warmup_steps must not be negative"),
 }
 

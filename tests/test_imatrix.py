@@ -20,11 +20,10 @@ from zptr.app import cli
 from zptr.convert.imatrix import calibration_model, compute_imatrix
 from zptr.dataset import sample_corpus_path
 from zptr.errors import ImatrixError
-from zptr.families import FAMILIES
 from zptr.formats.gguf import field_value, open_gguf
 from zptr.formats.imatrix import Entry, Imatrix, Keys, read_imatrix, write_imatrix
 from zptr.runtime.engine import ZptrLlama
-from zptr.testing import MIXED_TEXT, build_tokenizer, make_checkpoint, save_tiny_model
+from model_fixtures import MIXED_TEXT, TINY_TOKENIZERS, build_tokenizer, make_checkpoint, save_tiny_model
 
 CTX = 64
 QUANT = "q4_0"  # 32-column blocks: every matrix of a 128-wide model is quantized, imatrix used
@@ -48,7 +47,7 @@ def work(tmp_path_factory):
     """A tiny llama with outlier channels (norm weights spread over two decades, as real models
     have), a ZPTR checkpoint on it, its f32 GGUF, a calibration text and a held-out text."""
     w = tmp_path_factory.mktemp("imatrix")
-    tokenizer = build_tokenizer(FAMILIES["llama"].tiny_tokenizer, w / "tokenizer")
+    tokenizer = build_tokenizer(TINY_TOKENIZERS["llama"], w / "tokenizer")
     base = save_tiny_model("llama", w / "base", tokenizer=tokenizer, hidden_size=128, intermediate_size=256)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     generator = torch.Generator().manual_seed(1)

@@ -19,7 +19,7 @@ from zptr.convert.quantize import QUANT_TYPES
 from zptr.convert.writer import DIRECT_TYPES
 from zptr.formats.gguf import field_value, open_gguf
 from zptr.formats.imatrix import Entry, Imatrix, Keys, write_imatrix
-from zptr.testing import make_checkpoint, save_family_fixture
+from model_fixtures import make_checkpoint, save_family_fixture
 
 Q = gguf.GGMLQuantizationType
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=16,

@@ -11,7 +11,7 @@ from zptr.formats.sidecar import SidecarError, sidecar_path_for, write_sidecar
 from zptr.runtime.engine import OmegaModeError, ZptrLlama
 from zptr.errors import ModelLoadError
 from zptr.models import smollm2_gguf_path
-from zptr.testing import SAMPLE_PROMPTS as PROMPTS
+from model_fixtures import SAMPLE_PROMPTS as PROMPTS
 
 
 @pytest.fixture(scope="module")

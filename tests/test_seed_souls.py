@@ -19,7 +19,7 @@ from zptr.errors import CheckpointError
 from zptr.head import rotation_errors
 from zptr.runtime.llama import teacher_logits
 from zptr.runtime.metrics import compare
-from zptr.testing import MIXED_TEXT, build_tokenizer, make_seed_checkpoint, save_tiny_model, seed_rotation
+from model_fixtures import MIXED_TEXT, build_tokenizer, make_seed_checkpoint, save_tiny_model, seed_rotation
 
 # Wide but shallow: hidden size D with 4 heads of 64, one layer (the soul only cares about D).
 WIDE = dict(head_dim=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,

@@ -67,6 +67,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.process.stdout.close()
         self.log.seek(0)
         errors = self.log.read()
         self.log.close()

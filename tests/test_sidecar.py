@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from zptr.formats.sidecar import (SIDECAR_ARCH, SidecarError, check_pairing, read_sidecar,
-                             sidecar_path_for, write_sidecar)
+from zptr.formats.sidecar import (SIDECAR_ARCH, SidecarError, check_pairing, expected_shapes, read_sidecar,
+                                  sidecar_path_for, write_sidecar)
 from zptr.checkpoint import head_tensors
 from zptr.config import ZptrConfig
 from zptr.head import ZptrHead
@@ -32,6 +32,13 @@ def model_file(tmp_path) -> Path:
     path = tmp_path / "m.gguf"
     path.write_bytes(b"pretend model bytes")
     return path
+
+
+def test_the_sidecar_table_names_every_router_tensor_of_a_checkpoint():
+    """The tensor-name table (zptr.tensor_names) and the router module agree: a checkpoint's
+    omega.* tensors are exactly the ones a sidecar must hold, shapes included."""
+    tensors, _ = _omega()
+    assert {name: tuple(value.shape) for name, value in tensors.items()} == expected_shapes(HIDDEN)
 
 
 def test_round_trip(tmp_path, model_file):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from zptr.app import cli
 from zptr.checkpoint import load_checkpoint
 from zptr.config import AlphaSchedule
-from zptr.testing import save_tiny_model, tiny_model
+from model_fixtures import save_tiny_model, tiny_model
 from zptr.errors import TrainError
 from zptr.training import TrainConfig, step_dirs, train
 from zptr.training.loop import _micro_batches

@@ -23,15 +23,20 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .choices import RotationKind
 from .config import FORMAT_VERSION, ZptrConfig, phase_status, sigmoid
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, error_summary
 from .families import family_of
 from .fileio import atomic_directory, sha256_file
 from .jsonio import JsonObject, read_json, read_object
 from .head import Rotation, ZptrHead, rotation_errors
+from .tensor_names import Tensors
 
 CONFIG_FILE = "zptr_config.json"
 SOUL_FILE = "soul.safetensors"
+# PEFT's own file names (peft.utils.constants CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME; a test
+# checks they agree): not imported, because importing peft costs seconds and a bitsandbytes
+# notice on stderr in commands that only read a checkpoint (convert, inspect).
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SEED_SOUL_FILE = "soul.pt"
@@ -74,7 +79,7 @@ class Checkpoint:
 
     @property
     def alpha(self) -> float:
-        return float(self.tensors["soul.alpha"])
+        return float(self.tensors[Tensors.SOUL_ALPHA])
 
     @property
     def gate(self) -> float:
@@ -82,18 +87,18 @@ class Checkpoint:
 
     @property
     def omega_gate(self) -> Optional[float]:
-        return float(self.tensors["omega.gate"]) if "omega.gate" in self.tensors else None
+        return float(self.tensors[Tensors.OMEGA_GATE]) if Tensors.OMEGA_GATE in self.tensors else None
 
     @property
     def rotation(self) -> torch.Tensor:
-        return self.tensors["soul.rotation"]
+        return self.tensors[Tensors.SOUL_ROTATION]
 
     @property
     def phase(self) -> str:
         return phase_status(self.alpha, self.config.schedule.target)
 
     def omega_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.tensors.items() if k.startswith("omega.")}
+        return {k: v for k, v in self.tensors.items() if Tensors.is_omega(k)}
 
     def orthogonality_error(self) -> float:
         return rotation_errors(self.rotation)[0]
@@ -105,13 +110,13 @@ class Checkpoint:
 def head_tensors(head: ZptrHead) -> dict[str, torch.Tensor]:
     """The stored tensors of a head: materialised rotation plus everything trainable."""
     soul = head.soul
-    tensors = {"soul.alpha": soul.alpha.detach().float().clone(),
-               "soul.rotation": soul.rotation.matrix().detach().float().contiguous()}
-    if soul.rotation.kind == "so8":
-        tensors["soul.generator"] = soul.rotation.generator.detach().float().clone()
+    tensors = {Tensors.SOUL_ALPHA: soul.alpha.detach().float().clone(),
+               Tensors.SOUL_ROTATION: soul.rotation.matrix().detach().float().contiguous()}
+    if soul.rotation.kind == RotationKind.SO8:
+        tensors[Tensors.SOUL_GENERATOR] = soul.rotation.generator.detach().float().clone()
     if head.omega is not None:
         for name, value in head.omega.state_dict().items():
-            tensors[f"omega.{name}"] = value.detach().float().contiguous()
+            tensors[Tensors.omega(name)] = value.detach().float().contiguous()
     return tensors
 
 
@@ -119,13 +124,13 @@ def head_tensors(head: ZptrHead) -> dict[str, torch.Tensor]:
 def load_head_tensors(head: ZptrHead, tensors: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`head_tensors`; the generator wins over the materialised rotation."""
     soul = head.soul
-    soul.alpha.copy_(tensors["soul.alpha"])
-    if soul.rotation.kind == "so8" and "soul.generator" in tensors:
-        soul.rotation.generator.copy_(tensors["soul.generator"])
+    soul.alpha.copy_(tensors[Tensors.SOUL_ALPHA])
+    if soul.rotation.kind == RotationKind.SO8 and Tensors.SOUL_GENERATOR in tensors:
+        soul.rotation.generator.copy_(tensors[Tensors.SOUL_GENERATOR])
     else:
-        soul.rotation.load_matrix(tensors["soul.rotation"])
+        soul.rotation.load_matrix(tensors[Tensors.SOUL_ROTATION])
     if head.omega is not None:
-        omega = {k[len("omega."):]: v for k, v in tensors.items() if k.startswith("omega.")}
+        omega = {Tensors.router_name(k): v for k, v in tensors.items() if Tensors.is_omega(k)}
         if omega:
             head.omega.load_state_dict(omega)
 
@@ -135,11 +140,11 @@ def validate_tensors(tensors: dict[str, torch.Tensor], config: ZptrConfig, where
     for name, value in tensors.items():
         if not torch.isfinite(value).all():
             raise CheckpointError(f"{where}: tensor {name} contains NaN or Inf")
-    if "soul.alpha" not in tensors or "soul.rotation" not in tensors:
-        raise CheckpointError(f"{where}: soul.alpha or soul.rotation missing")
-    rotation = tensors["soul.rotation"]
+    if Tensors.SOUL_ALPHA not in tensors or Tensors.SOUL_ROTATION not in tensors:
+        raise CheckpointError(f"{where}: {Tensors.SOUL_ALPHA} or {Tensors.SOUL_ROTATION} missing")
+    rotation = tensors[Tensors.SOUL_ROTATION]
     d = config.hidden_size
-    expected = (d // 8, 8, 8) if config.rotation == "so8" else (d, d)
+    expected = (d // 8, 8, 8) if config.rotation == RotationKind.SO8 else (d, d)
     if tuple(rotation.shape) != expected:
         raise CheckpointError(
             f"{where}: soul.rotation has shape {tuple(rotation.shape)}, expected {expected} for "
@@ -150,7 +155,7 @@ def validate_tensors(tensors: dict[str, torch.Tensor], config: ZptrConfig, where
         raise CheckpointError(
             f"{where}: soul.rotation is not orthogonal (max |R^T R - I| = {ortho:.3g} > "
             f"{tolerance:.3g}, the float32 bound for {rotation.shape[-1]} x {rotation.shape[-1]})")
-    if config.rotation == "so8" and det < 0:
+    if config.rotation == RotationKind.SO8 and det < 0:
         raise CheckpointError(f"{where}: soul.rotation has a block with det {det:.3f}: not in SO(8)")
 
 
@@ -278,7 +283,7 @@ def load_seed_checkpoint(path: Path) -> Checkpoint:
     except Exception as err:
         raise CheckpointError(
             f"{file}: refused by torch.load(weights_only=True) - not a plain tensor pickle "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+            f"({error_summary(err, with_type=True)})") from None
     if not isinstance(blob, dict) or "alpha" not in blob or "so8_rotation" not in blob:
         raise CheckpointError(f"{file}: expected a dict with 'alpha' and 'so8_rotation'")
     alpha = _seed_scalar(blob, "alpha", file)
@@ -296,15 +301,15 @@ def load_seed_checkpoint(path: Path) -> Checkpoint:
     if not all(torch.isfinite(v.float()).all() for v in state.values()):
         raise CheckpointError(f"{file}: so8_rotation contains NaN or Inf")
     hidden = original.shape[-1]
-    rotation = Rotation(hidden, "dense")
+    rotation = Rotation(hidden, RotationKind.DENSE)
     try:
         rotation.dense.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"{file}: so8_rotation does not load ({str(err).splitlines()[0]})") from None
-    config = ZptrConfig(hidden_size=hidden, rotation="dense")
+        raise CheckpointError(f"{file}: so8_rotation does not load ({error_summary(err)})") from None
+    config = ZptrConfig(hidden_size=hidden, rotation=RotationKind.DENSE)
     config.omega.enabled = False
     with torch.no_grad():
-        tensors = {"soul.alpha": torch.tensor(float(alpha)), "soul.rotation": rotation.matrix().float()}
+        tensors = {Tensors.SOUL_ALPHA: torch.tensor(float(alpha)), Tensors.SOUL_ROTATION: rotation.matrix().float()}
     validate_tensors(tensors, config, str(file))
     adapter = Path(path) / ADAPTER_CONFIG
     base_model = None

@@ -11,14 +11,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .choices import RotationKind, RoutingKind
 from .errors import ConfigError
 from .jsonio import load_dataclass, require_keys
 
 FORMAT_VERSION = 1
 
 GOLDEN_RATIO = 1.618
-ROTATION_KINDS = ("so8", "dense")
-ROUTING_MODES = ("threshold", "resonance")
 # Cluster order is part of the format: index k of the stacked expert tensors is CLUSTERS[k].
 CLUSTERS = ("BOUNDARY", "DEPTH", "PHASE", "BASE")
 
@@ -66,7 +65,7 @@ def phase_status(alpha: float, target: float = GOLDEN_RATIO) -> str:
 @dataclass
 class OmegaConfig:
     enabled: bool = True
-    routing: str = "threshold"
+    routing: str = RoutingKind.THRESHOLD.value
     boundary_threshold: float = 0.65
     depth_threshold: float = 0.55
     phase_threshold: float = 0.60
@@ -78,8 +77,7 @@ class OmegaConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.routing not in ROUTING_MODES:
-            raise ConfigError(f"omega routing {self.routing!r} is not one of {ROUTING_MODES}")
+        self.routing = RoutingKind.parse(self.routing, "omega routing", ConfigError)
         for name in ("boundary_threshold", "depth_threshold", "phase_threshold"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
@@ -94,7 +92,7 @@ class OmegaConfig:
 @dataclass
 class ZptrConfig:
     hidden_size: int
-    rotation: str = "so8"
+    rotation: str = RotationKind.SO8.value
     schedule: AlphaSchedule = field(default_factory=AlphaSchedule)
     omega: OmegaConfig = field(default_factory=OmegaConfig)
     orthogonality_weight: float = 0.1
@@ -107,11 +105,10 @@ class ZptrConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.rotation not in ROTATION_KINDS:
-            raise ConfigError(f"rotation {self.rotation!r} is not one of {ROTATION_KINDS}")
+        self.rotation = RotationKind.parse(self.rotation, "rotation", ConfigError)
         if self.hidden_size <= 0:
             raise ConfigError(f"hidden_size must be positive, got {self.hidden_size}")
-        if self.rotation == "so8" and self.hidden_size % 8 != 0:
+        if self.rotation == RotationKind.SO8 and self.hidden_size % 8 != 0:
             raise ConfigError(
                 f"rotation 'so8' needs hidden_size divisible by 8, got {self.hidden_size} "
                 f"({self.hidden_size} % 8 = {self.hidden_size % 8}); use --rotation dense"

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .errors import DatasetError
-from .fileio import sha256_file
+from .fileio import check_file, sha256_file
 from .jsonio import describe
 
 SAMPLE_CORPUS = "sample_corpus.jsonl"
@@ -239,11 +239,7 @@ def check_chunking(ctx: int, max_chunks: Optional[int]) -> None:
 
 def check_data_file(path: Union[str, Path]) -> Path:
     """A data file that exists (a clear error before any model is loaded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such data file" if not path.exists()
-                           else f"{path}: is a directory, not a data file")
-    return path
+    return check_file(path, DatasetError, "no such data file", "a data file")
 
 
 def llama_chunks(ids: list[int], ctx: int, max_chunks: Optional[int], bos: Optional[int],

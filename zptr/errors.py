@@ -7,6 +7,7 @@ subclasses exist so that callers (and tests) can tell the families of problems a
 from __future__ import annotations
 
 import signal
+from typing import Optional
 
 
 class ZptrError(Exception):
@@ -79,3 +80,12 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message or f"interrupted by {name}; no output was written")
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+def error_summary(err: BaseException, limit: Optional[int] = None, with_type: bool = False) -> str:
+    """The first line of ``err``'s message (empty for an empty message), cut to ``limit``
+    characters, after ``TypeName: `` when ``with_type``: how a one-line error quotes a library's
+    multi-line exception."""
+    lines = str(err).splitlines()
+    line = (lines[0] if lines else "")[:limit]
+    return f"{type(err).__name__}: {line}" if with_type else line

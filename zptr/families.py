@@ -1,9 +1,9 @@
 """The architecture registry: every fact ZPTR needs about a model family, one entry per family.
 
 Training (LoRA targets), conversion (GGUF architecture, tensor layout, RoPE kinds, sliding
-windows, refusals), the runtime and the tests (tiny configs, tokenizer kinds) all read these
-entries and nothing else. Adding a family is one :class:`Family` here plus its tests: the suite
-runs every parity test over every entry, so an entry whose fixture fails fails the suite.
+windows, refusals) and the runtime all read these entries and nothing else. Adding a family is
+one :class:`Family` here plus its tiny test model (tests/model_fixtures.py): the suite runs every
+parity test over every entry and refuses an entry without a tiny model.
 
 Each fact is about what llama.cpp's graph for the family reproduces of transformers' model:
 anything else (a RoPE kind, an attention variant, soft-capping) is refused with a message that
@@ -61,8 +61,6 @@ class Family:
     gguf_arch: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES)
     lora_targets: tuple[str, ...]  # default LoRA target modules (the attention projections)
     rope_kinds: tuple[str, ...]  # transformers rope_type values llama.cpp's graph reproduces
-    tiny: Mapping[str, Any]  # a tiny random test model: HF config overrides of the family's defaults
-    tiny_tokenizer: str  # tokenizer of the tiny fixture: sentencepiece | sentencepiece-json | bpe:<pre>
     tensor_layout: Mapping[str, str] = field(default_factory=dict)  # GGUF tensor kind -> transform
     sliding_window: str = WINDOW_NONE
     refusals: tuple[Refusal, ...] = ()
@@ -103,18 +101,16 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLIT_RULES = {"qwen2": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "gpt-4o": _GPT4O_SPLIT,
                "tekken": _TEKKEN_SPLIT}
-
-_COMMON_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
     Family(
@@ -123,12 +119,6 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         rope_kinds=("default", "linear", "llama3"),
         tensor_layout={"attn_q": PERMUTE_Q, "attn_k": PERMUTE_K},
-        tiny=dict(_COMMON_TINY, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                  # Llama 3.x: per-frequency factors (llama.cpp's rope_freqs tensor)
-                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 256}),
-        tiny_tokenizer="bpe:llama-bpe",
     ),
     Family(
         name="mistral", model_types=("mistral",), gguf_arch="llama",
@@ -138,10 +128,6 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
         tensor_layout={"attn_q": PERMUTE_Q, "attn_k": PERMUTE_K},
         refusals=(Refusal("an active sliding window (sliding_window < max_position_embeddings) is "
                           "not implemented by llama.cpp's llama graph", _active_window),),
-        # head_dim apart from hidden_size / heads, as in Mistral Nemo
-        tiny=dict(_COMMON_TINY, head_dim=32, sliding_window=None, tie_word_embeddings=False,
-                  rms_norm_eps=1e-5, rope_theta=1000000.0),
-        tiny_tokenizer="sentencepiece-json",
     ),
     Family(
         name="qwen2", model_types=("qwen2",), gguf_arch="qwen2",
@@ -150,8 +136,6 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
         rope_kinds=("default", "linear", "yarn"),
         refusals=(Refusal("use_sliding_window=true is not implemented by llama.cpp's qwen2 graph",
                           lambda c: bool(getattr(c, "use_sliding_window", False))),),
-        tiny=dict(_COMMON_TINY, tie_word_embeddings=False, rms_norm_eps=1e-6),
-        tiny_tokenizer="bpe:qwen2",
     ),
     Family(
         name="qwen3", model_types=("qwen3",), gguf_arch="qwen3",
@@ -160,8 +144,6 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
         rope_kinds=("default", "linear", "yarn"),
         refusals=(Refusal("use_sliding_window=true is not implemented by llama.cpp's qwen3 graph",
                           lambda c: bool(getattr(c, "use_sliding_window", False))),),
-        tiny=dict(_COMMON_TINY, head_dim=32, tie_word_embeddings=True, rms_norm_eps=1e-6),
-        tiny_tokenizer="bpe:qwen2",
     ),
     Family(
         name="phi3", model_types=("phi3",), gguf_arch="phi3",
@@ -169,15 +151,6 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
         lora_targets=("qkv_proj", "o_proj"),  # fused: q/k/v/o would silently train o_proj alone
         rope_kinds=("default", "longrope"),
         sliding_window=WINDOW_SINGLE,
-        # Phi-4-mini: LongRoPE on 3/4 of each head, tied embeddings
-        tiny=dict(_COMMON_TINY, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                  partial_rotary_factor=0.75, original_max_position_embeddings=256,
-                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                   "partial_rotary_factor": 0.75,
-                                   "original_max_position_embeddings": 256,
-                                   "short_factor": [1.0 + 0.1 * i for i in range(6)],
-                                   "long_factor": [1.5 + 0.5 * i for i in range(6)]}),
-        tiny_tokenizer="bpe:gpt-4o",
     ),
     Family(
         name="gemma3_text", model_types=("gemma3_text",), gguf_arch="gemma3",
@@ -193,10 +166,6 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
                           _softcapped),
                   Refusal("query_pre_attn_scalar != head_dim: llama.cpp scales queries by "
                           "1/sqrt(head_dim)", _query_scalar_differs)),
-        tiny=dict(_COMMON_TINY, tie_word_embeddings=True, rms_norm_eps=1e-6, head_dim=16,
-                  sliding_window=64, query_pre_attn_scalar=16,
-                  layer_types=["sliding_attention", "full_attention"]),
-        tiny_tokenizer="sentencepiece",
     ),
 )})
 

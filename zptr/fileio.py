@@ -42,6 +42,19 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def check_file(path: PathLike, error: type[ZptrError], missing: str, not_a: str) -> Path:
+    """``path`` as a Path when it is a regular file; otherwise ``error``: ``"<path>: <missing>"``
+    when nothing is there, ``"<path>: is a directory, not <not_a>"`` for a directory, and ``"not a
+    regular file"`` for a FIFO, device or socket (reading one may block forever)."""
+    path = Path(path)
+    if not path.is_file():
+        if not path.exists():
+            raise error(f"{path}: {missing}")
+        kind = f"is a directory, not {not_a}" if path.is_dir() else "not a regular file"
+        raise error(f"{path}: {kind}")
+    return path
+
+
 def check_separate(inputs: Iterable[Optional[PathLike]], outputs: Iterable[Optional[PathLike]],
                    may_contain: bool = False) -> None:
     """Refuse an output that is an input, lies inside an input directory, or contains an input

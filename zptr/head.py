@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .choices import RotationKind, RoutingKind
 from .config import CLUSTERS, OmegaConfig, ZptrConfig
 
 BOUNDARY, DEPTH, PHASE, BASE = range(4)
@@ -42,21 +43,19 @@ class Rotation(nn.Module):
     parametrisation of a bias-free Linear, the layout of seed-format checkpoints.
     """
 
-    def __init__(self, hidden_size: int, kind: str = "so8", init_std: float = 0.02):
+    def __init__(self, hidden_size: int, kind: str = RotationKind.SO8, init_std: float = 0.02):
         super().__init__()
         self.hidden_size = hidden_size
-        self.kind = kind
-        if kind == "so8":
+        self.kind = kind = RotationKind.parse(kind, "rotation kind", ValueError)
+        if kind == RotationKind.SO8:
             self.generator = nn.Parameter(torch.randn(hidden_size // 8, 8, 8) * init_std)
-        elif kind == "dense":
+        else:
             linear = nn.Linear(hidden_size, hidden_size, bias=False)
             self.dense = nn.utils.parametrizations.orthogonal(linear)
-        else:
-            raise ValueError(f"unknown rotation kind {kind!r}")
 
     def matrix(self) -> torch.Tensor:
         """The materialised rotation: (D/8, 8, 8) blocks for so8, (D, D) for dense."""
-        if self.kind == "so8":
+        if self.kind == RotationKind.SO8:
             skew = self.generator - self.generator.transpose(-1, -2)
             # float64 keeps every block orthogonal to ~1e-7 after the cast back; the blocks are
             # tiny (8x8), so the extra precision costs nothing.
@@ -66,7 +65,7 @@ class Rotation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """R x along the last dimension."""
         matrix = self.matrix().to(x.dtype)
-        if self.kind == "so8":
+        if self.kind == RotationKind.SO8:
             blocks = x.unflatten(-1, (self.hidden_size // 8, 8))
             return torch.einsum("...bj,bij->...bi", blocks, matrix).flatten(-2)
         return x @ matrix.T
@@ -80,7 +79,7 @@ class Rotation(nn.Module):
     @torch.no_grad()
     def load_matrix(self, matrix: torch.Tensor) -> None:
         """Set R from a materialised rotation (the inverse of :meth:`matrix`)."""
-        if self.kind == "so8":
+        if self.kind == RotationKind.SO8:
             # A skew-symmetric logarithm: A = log(R)/2 gives exp(A - A^T) = R for R in SO(8).
             log = _so_log(matrix.double())
             self.generator.copy_((log / 2).to(self.generator.dtype))
@@ -115,7 +114,7 @@ def dense_rotation(matrix: torch.Tensor) -> torch.Tensor:
 class Soul(nn.Module):
     """m = f + sigmoid(alpha) R f. alpha follows the schedule: a buffer, set, never learned."""
 
-    def __init__(self, hidden_size: int, kind: str = "so8", alpha: float = -5.0):
+    def __init__(self, hidden_size: int, kind: str = RotationKind.SO8, alpha: float = -5.0):
         super().__init__()
         self.rotation = Rotation(hidden_size, kind)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
@@ -203,8 +202,8 @@ def omega_recurrences(hidden: torch.Tensor, state: OmegaState, decay: float
 
 # Router layers each routing mode leaves unused (they stay in the state dict, untrained).
 UNUSED_BY_ROUTING: dict[str, tuple[str, ...]] = {
-    "threshold": ("resonance_linear", "resonance_sin"),
-    "resonance": ("boundary", "router_depth", "router_phase"),
+    RoutingKind.THRESHOLD: ("resonance_linear", "resonance_sin"),
+    RoutingKind.RESONANCE: ("boundary", "router_depth", "router_phase"),
 }
 
 
@@ -252,7 +251,7 @@ class OmegaRouter(nn.Module):
         # all four keeps the function branch-free and identical in training and inference.
         clusters = torch.tanh(torch.einsum("btd,ked->btke", hidden, self.experts_weight)
                               + self.experts_bias)
-        if self.config.routing == "resonance":
+        if self.config.routing == RoutingKind.RESONANCE:
             weights = torch.softmax(self.resonance_linear(z) + torch.sin(self.resonance_sin(z)), -1)
             routes = weights.argmax(-1)
             return (weights.unsqueeze(-1) * clusters).sum(-2), routes

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from .errors import OutputExistsError, ZptrError
+from .errors import OutputExistsError, ZptrError, error_summary
 from .families import family_of
 from .jsonio import read_json
 
@@ -89,7 +89,7 @@ def _split_digits(tokenizer_json: Path) -> None:
 
 # Random-weight models of real shapes, generated into the cache when first asked for (never
 # shipped): speed and conversion at sizes where per-token overhead no longer dominates.
-# (tokenizer kind of zptr.testing, llama config)
+# (tokenizer kind of zptr.trained_tokenizers, llama config)
 SYNTHETIC_MODELS: dict[str, tuple[str, dict]] = {
     # TinyLlama 1.1B's shape
     "synthetic-1b": ("bpe:llama-bpe", dict(
@@ -122,7 +122,7 @@ def synthetic_hf_dir(name: str) -> Path:
     def write(tmp: Path) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .testing import build_tokenizer
+        from .trained_tokenizers import build_tokenizer
 
         kind, shape = SYNTHETIC_MODELS[name]
         tokenizer = build_tokenizer(kind, tmp / "tokenizer")
@@ -196,7 +196,7 @@ def load_base_model(name_or_path: Union[str, Path], dtype: torch.dtype = torch.f
         # transformers' loaders raise these for weights and GGUF files they cannot map
         where = directory / gguf_file if gguf_file else directory
         raise ZptrError(f"{where}: transformers cannot load this model "
-                        f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
+                        f"({error_summary(err, 160, with_type=True)})") from None
     if gguf_file:
         model.hf_quantizer = None
     family_of(getattr(model.config, "model_type", None))
@@ -212,4 +212,4 @@ def load_tokenizer(name_or_path: Union[str, Path]):
         return AutoTokenizer.from_pretrained(str(directory), **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ZptrError(f"{directory}: transformers cannot load its tokenizer "
-                        f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
+                        f"({error_summary(err, 160, with_type=True)})") from None

@@ -19,6 +19,7 @@ import os
 import typing
 from typing import Any, Optional
 
+from ..choices import OMEGA_MODES, OmegaMode
 from ..errors import ConfigError
 
 
@@ -39,6 +40,26 @@ def threads(value: Optional[int]) -> int:
 def add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-t", "--threads", type=int, default=None,
                         help=f"threads (default: every core, {cores()} here)")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, omega_help: str, origin_help: str) -> None:
+    """The flags of a command that loads a GGUF on the runtime (``run``, ``serve``), llama.cpp's
+    names where it has one: ``--omega --sidecar --origin -c -t -ngl``."""
+    parser.add_argument("--omega", choices=OMEGA_MODES, default=OmegaMode.AUTO.value, help=omega_help)
+    parser.add_argument("--sidecar", default=None, help="Omega sidecar (default: X.omega.gguf)")
+    parser.add_argument("--origin", default=None, help=origin_help)
+    parser.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
+    add_threads(parser)
+    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``ZptrLlama``'s keyword arguments from the flags of :func:`add_engine_arguments`, checked."""
+    if args.n_gpu_layers < -1:
+        raise ConfigError(f"-ngl must be -1 (all) or more, got {args.n_gpu_layers}")
+    n_threads = threads(args.threads)
+    return dict(omega=args.omega, sidecar=args.sidecar, origin=args.origin, n_ctx=args.ctx_size,
+                n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=args.n_gpu_layers)
 
 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:

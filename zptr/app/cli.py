@@ -23,7 +23,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from ..errors import Interrupted, OutputError, ZptrError
+from ..errors import Interrupted, OutputError, ZptrError, error_summary
 from . import args as common
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -98,7 +98,7 @@ def _report(prefix: str, err: BaseException) -> int:
         where = f"{err.filename}: " if err.filename is not None else ""
         print(f"{prefix}: error: {clip(where + (err.strerror or str(err)))}", file=sys.stderr)
         return OutputError.exit_code
-    print(f"{prefix}: internal error (a bug): {type(err).__name__}: {clip(str(err))} "
+    print(f"{prefix}: internal error (a bug): {clip(error_summary(err, with_type=True))} "
           "(run with ZPTR_DEBUG=1 for the traceback)", file=sys.stderr)
     return EXIT_BUG
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..choices import BENCH_MODES, OmegaMode
 from ..errors import ZptrError
 from ..fileio import atomic_file
 from .args import add_threads, threads
@@ -146,7 +147,7 @@ def generate_stage(model_path: Path, prompt: str, max_tokens: int, threads: int,
                    output_dir: Path) -> dict[str, Any]:
     from ..runtime.engine import ZptrLlama
 
-    engine = ZptrLlama(model_path, omega="fast", n_ctx=1024, n_threads=threads, n_threads_batch=threads)
+    engine = ZptrLlama(model_path, omega=OmegaMode.FAST, n_ctx=1024, n_threads=threads, n_threads_batch=threads)
     try:
         # The GGUF's own chat template: the prompt is one user turn, as `zptr run -p` makes it.
         tokens = engine.chat_tokens([{"role": "user", "content": prompt}])
@@ -174,7 +175,7 @@ def bench_stage(checkpoint: Path, ggufs: dict, size: Size, threads: int, output_
 
     return run_bench(BenchConfig(
         checkpoint=checkpoint, output_dir=output_dir, ggufs=ggufs, threads=threads,
-        paths=list(size.bench_paths), omega=["off", "fast", "exact"],
+        paths=list(size.bench_paths), omega=list(BENCH_MODES),
         n_prompt=size.n_prompt, n_gen=size.n_gen, repetitions=size.repetitions))
 
 
@@ -231,7 +232,8 @@ def main(args: argparse.Namespace) -> int:
                "bench_summary": bench["summary"]}
     _write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
-    print(f"\ndone in {timings['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})")
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
+    print(f"\ndone in {timings['total']:.0f} s ({steps})")
     print("outputs:")
     width = max(len(k) for k in outputs)
     for name, path in outputs.items():

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..runtime.evaluate import DEFAULT_CTX, EVAL_MODES, evaluate
+from ..choices import EVAL_MODES
+from ..runtime.evaluate import DEFAULT_CTX, evaluate
 from .args import add_progress, add_threads, threads
 
 # (label, key, scale, unit) of the text report, in llama-perplexity's order; keys absent from

@@ -10,7 +10,6 @@ from typing import Any
 
 import gguf
 
-from ..checkpoint import load_checkpoint
 from ..config import phase_status, sigmoid
 from ..errors import SidecarError, ZptrError
 from ..formats.gguf import arch_value, architecture, check_model, field_value, open_gguf, zptr_metadata
@@ -24,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def describe_checkpoint(path: Path) -> dict[str, Any]:
+    from ..checkpoint import load_checkpoint  # torch: only a checkpoint needs it, a GGUF does not
+
     ckpt = load_checkpoint(path)  # verifies every sha256 and the soul tensors
     config = ckpt.config
     info: dict[str, Any] = {

@@ -12,11 +12,12 @@ import argparse
 import sys
 from typing import Optional, TextIO
 
+from ..choices import FinishReason, OmegaMode
 from ..config import CLUSTERS
 from ..errors import ConfigError
-from ..runtime.engine import FINISH_CONTEXT, FINISH_STOP, OMEGA_MODES, Generation, ZptrLlama
+from ..runtime.engine import Generation, ZptrLlama
 from ..runtime.sampling import SamplingSettings
-from .args import add_threads, threads
+from .args import add_engine_arguments, engine_options
 
 # ANSI colours per route (BOUNDARY, DEPTH, PHASE, BASE); BASE stays uncoloured.
 ROUTE_COLOURS = {"BOUNDARY": "\033[31m", "DEPTH": "\033[34m", "PHASE": "\033[32m", "BASE": ""}
@@ -33,10 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system prompt of the chat")
     parser.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     parser.add_argument("-i", "--interactive", action="store_true", help="interactive chat")
-    parser.add_argument("--omega", choices=OMEGA_MODES, default="auto",
-                        help="Omega routing: auto (fast when a sidecar pairs), off, exact, fast")
-    parser.add_argument("--sidecar", default=None, help="Omega sidecar (default: X.omega.gguf)")
-    parser.add_argument("--origin", default=None, help="origin text (user's own text / persona)")
     parser.add_argument("--show-routes", action="store_true",
                         help="colour tokens by route, print a route histogram")
     parser.add_argument("--no-color", action="store_true",
@@ -47,9 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=float, default=0.05, help="(default 0.05)")
     parser.add_argument("--repeat-penalty", type=float, default=1.0, help="(default 1.0: none)")
     parser.add_argument("-s", "--seed", type=int, default=None)
-    parser.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
-    add_threads(parser)
-    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU")
+    add_engine_arguments(parser, omega_help="Omega routing: auto (fast when a sidecar pairs), off, exact, fast",
+                         origin_help="origin text (user's own text / persona)")
 
 
 def _render(piece: str, route: Optional[int], args: argparse.Namespace) -> str:
@@ -73,9 +69,9 @@ def _emit(llm: ZptrLlama, tokens: list[int], settings: SamplingSettings, args: a
 
 
 def _notices(llm: ZptrLlama, result: Generation, err: TextIO) -> None:
-    if not result.tokens and result.finish_reason == FINISH_STOP:
+    if not result.tokens and result.finish_reason == FinishReason.STOP:
         err.write("zptr run: the model ended its answer at once (its first token ends the turn)\n")
-    if result.finish_reason == FINISH_CONTEXT:
+    if result.finish_reason == FinishReason.CONTEXT:
         err.write(f"zptr run: generation stopped at the end of the context ({llm.n_ctx} tokens; "
                   "raise -c/--ctx-size)\n")
 
@@ -85,7 +81,7 @@ def _summary(llm: ZptrLlama, result: Generation, args: argparse.Namespace, err: 
         histogram = "  ".join(f"{name} {count}" for name, count in result.route_histogram().items())
         err.write(f"routes: {histogram}\n")
         stats = llm.stats
-        if llm.mode == "fast":
+        if llm.mode == OmegaMode.FAST:
             err.write(f"omega fast: {stats.certified} certified, {stats.fallback} fallback "
                       f"({100 * stats.certified_share:.1f} % certified)\n")
         if not args.no_color:
@@ -135,12 +131,7 @@ def main(args: argparse.Namespace) -> int:
     settings = SamplingSettings(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
                                 top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
                                 seed=args.seed)
-    if args.n_gpu_layers < -1:
-        raise ConfigError(f"-ngl must be -1 (all) or more, got {args.n_gpu_layers}")
-    n_threads = threads(args.threads)
-    llm = ZptrLlama(args.model, omega=args.omega, sidecar=args.sidecar, origin=args.origin,
-                    n_ctx=args.ctx_size, n_threads=n_threads, n_threads_batch=n_threads,
-                    n_gpu_layers=args.n_gpu_layers)
+    llm = ZptrLlama(args.model, **engine_options(args))
     try:
         if args.interactive:
             if not llm.chat_template:

@@ -19,8 +19,8 @@ import socket
 from pathlib import Path
 
 from ..errors import ConfigError, Interrupted, ZptrError
-from ..runtime.engine import DEFAULT_BATCH, OMEGA_MODES, ZptrLlama
-from .args import add_threads, threads
+from ..runtime.engine import DEFAULT_BATCH, ZptrLlama
+from .args import add_engine_arguments, engine_options
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # a 128k-token context of JSON-escaped text, with room
 DEFAULT_TIMEOUT_S = 20.0  # to send a request's headers, and its body after them
@@ -35,15 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
     parser.add_argument("-a", "--alias", default=None,
                         help="the model's name in the API (default: the file name without .gguf)")
-    parser.add_argument("--omega", choices=OMEGA_MODES, default="auto",
-                        help="default Omega mode: auto (fast when a sidecar pairs), off, exact, fast; "
-                             "a request may choose off | exact | fast unless the server runs off")
-    parser.add_argument("--sidecar", default=None, help="Omega sidecar (default: X.omega.gguf)")
-    parser.add_argument("--origin", default=None,
-                        help="default origin text (a request's own 'origin' replaces it)")
-    parser.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
-    add_threads(parser)
-    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU")
+    add_engine_arguments(parser, omega_help="default Omega mode: auto (fast when a sidecar pairs), off, exact, "
+                         "fast; a request may choose off | exact | fast unless the server runs off",
+                         origin_help="default origin text (a request's own 'origin' replaces it)")
     parser.add_argument("--api-key", default=os.environ.get("ZPTR_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* and /metrics "
                              "(default: $ZPTR_API_KEY; none: open)")
@@ -107,8 +101,7 @@ def main(args: argparse.Namespace) -> int:
     from .httpd import GracefulServer, header_timeout_protocol
     from .server import HostCheck, check_limits, cors_origin, create_app
 
-    if args.n_gpu_layers < -1:
-        raise ConfigError(f"-ngl must be -1 (all) or more, got {args.n_gpu_layers}")
+    options = engine_options(args)
     if args.queue < 0:
         raise ConfigError(f"--queue must be 0 or more, got {args.queue}")
     if args.api_key is not None and not args.api_key.strip():
@@ -117,13 +110,10 @@ def main(args: argparse.Namespace) -> int:
     for origin in args.cors:
         cors_origin(origin)
     hosts = None if args.host_check == "off" else HostCheck(args.host, args.allowed_host)
-    n_threads = threads(args.threads)
     sock = _bind(args.host, args.port)
     try:
-        llm = ZptrLlama(args.model, omega=args.omega, sidecar=args.sidecar, origin=args.origin,
-                        n_ctx=args.ctx_size, n_parallel=args.parallel, n_batch=args.batch_size,
-                        cache_prompt=args.cache_prompt, n_threads=n_threads, n_threads_batch=n_threads,
-                        n_gpu_layers=args.n_gpu_layers)
+        llm = ZptrLlama(args.model, n_parallel=args.parallel, n_batch=args.batch_size,
+                        cache_prompt=args.cache_prompt, **options)
         try:
             name = args.alias or Path(args.model).name.removesuffix(".gguf")
             app = create_app(llm, model_name=name, api_key=args.api_key, queue_size=args.queue,

@@ -53,9 +53,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 
+from ..choices import FinishReason, JobState, OmegaMode, RequestMode
 from ..config import CLUSTERS
-from ..errors import ConfigError, OmegaModeError, ZptrError
-from ..runtime.engine import FINISH_STOP, ZptrLlama
+from ..errors import ConfigError, OmegaModeError, ZptrError, error_summary
+from ..runtime.engine import ZptrLlama
 from ..runtime.engine import Request as EngineRequest
 from ..runtime.sampling import SamplingSettings
 from .serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S
@@ -143,7 +144,7 @@ class _Generation(_Strict):
     stream_options: Optional[StreamOptions] = None
     n: int = 1
     logprobs: Any = None
-    omega: Optional[Literal["off", "exact", "fast"]] = None
+    omega: Optional[RequestMode] = None
     origin: Optional[str] = None
 
     def unsupported(self) -> Optional[str]:
@@ -249,7 +250,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
-    state: str = "new"  # new | waiting | running | done | dropped
+    state: JobState = JobState.NEW
     request: Optional[EngineRequest] = None  # the engine's request, once the job has a slot
     answered: bool = False  # its first token went out
 
@@ -298,7 +299,7 @@ class ModelWorker:
                                f"slot ({self.slots} slots, --queue {self.queue_size}); retry later",
                                code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
             self.waiting += 1
-            job.state = "waiting"
+            job.state = JobState.WAITING
             self._arrivals.put(job)
 
     def cancel(self, job: Job) -> None:
@@ -306,9 +307,9 @@ class ModelWorker:
         before the next step."""
         job.cancelled.set()
         with self._lock:
-            if job.state != "waiting":
+            if job.state != JobState.WAITING:
                 return
-            job.state = "dropped"
+            job.state = JobState.DROPPED
             self.waiting -= 1
         # Its handler waits for a first event that the model thread will never send.
         job.emit("error", ApiError(499, "the client closed the request while it waited",
@@ -356,9 +357,9 @@ class ModelWorker:
         while self._waiting and self.batcher.has_room:
             job = self._waiting.popleft()
             with self._lock:
-                if job.state != "waiting":
+                if job.state != JobState.WAITING:
                     continue  # cancelled while it waited
-                job.state = "running"
+                job.state = JobState.RUNNING
                 self.waiting -= 1
             try:
                 job.request = request = self._start(job)
@@ -430,16 +431,16 @@ class ModelWorker:
         if count > 1 and request.first_at is not None:
             metrics.decode_tps.set((count - 1) / max(request.last_at - request.first_at, 1e-9))
         # llama.cpp's "context" (the context filled up) is OpenAI's "length".
-        finish = "stop" if request.finish_reason == FINISH_STOP else "length"
+        finish = FinishReason.STOP if request.finish_reason == FinishReason.STOP else FinishReason.LENGTH
         omega = {"mode": request.mode}
-        if request.mode == "fast":
+        if request.mode == OmegaMode.FAST:
             omega.update(certified=request.stats.certified, fallback=request.stats.fallback)
         job.emit("end", finish, request.tail, {"completion_tokens": count, "omega": omega})
         self._finish(job)
 
     def _finish(self, job: Job) -> None:
         with self._lock:
-            job.state = "done"
+            job.state = JobState.DONE
             if job in self.running:
                 self.running.remove(job)
 
@@ -456,13 +457,13 @@ class ModelWorker:
             self._fail(job, ApiError(503, "the server is shutting down", code="shutting_down"))
         while self._waiting:
             job = self._waiting.popleft()
-            if job.state == "waiting":
+            if job.state == JobState.WAITING:
                 self._fail(job, ApiError(503, "the server is shutting down", code="shutting_down"),
                            running=False)
 
 
 def _internal(err: Exception) -> ApiError:
-    message = str(err).splitlines()[0] if str(err).strip() else ""
+    message = error_summary(err) if str(err).strip() else ""
     return ApiError(500, f"internal error (a bug): {type(err).__name__}: {message}")
 
 
@@ -729,8 +730,11 @@ async def _watch_disconnect(request: Request, job: Job, worker: ModelWorker) -> 
             return
 
 
+LOOPBACK_ONLY = HostCheck("127.0.0.1")  # create_app's default: a server bound to this machine
+
+
 def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = None,
-               queue_size: int = 16, hosts: Optional[HostCheck] = HostCheck("127.0.0.1"),
+               queue_size: int = 16, hosts: Optional[HostCheck] = LOOPBACK_ONLY,
                cors: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                timeout: float = DEFAULT_TIMEOUT_S) -> FastAPI:
     """The server's application around a loaded engine (the model thread starts with it): the
@@ -852,7 +856,7 @@ def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = N
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice.update(text=text, logprobs=None)
-        choice.update(finish_reason=finish, routes=None if mode == "off" else routes)
+        choice.update(finish_reason=finish, routes=None if mode == OmegaMode.OFF else routes)
         return {**base, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": usage(prompt_tokens, info["completion_tokens"]), "omega": info["omega"]}
 

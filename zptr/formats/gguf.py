@@ -2,7 +2,8 @@
 
 :func:`open_gguf` checks the file (exists, is a file, GGUF magic, header parses, every tensor's
 data inside the file) and turns every failure into a :class:`~zptr.errors.ModelLoadError` that
-names the problem; :func:`check_model` checks a model's hyper-parameters before llama.cpp sees them; :func:`field_value`, :func:`zptr_metadata` and :func:`read_tensor` read it.
+names the problem; :func:`check_model` checks a model's hyper-parameters before llama.cpp sees
+them; :func:`field_value`, :func:`zptr_metadata` and :func:`read_tensor` read it.
 Tensor names come from gguf-py's tables (``gguf.TENSOR_NAMES``), key names from gguf-py's
 ``Keys`` and our :class:`~zptr.formats.keys.Keys`.
 """

@@ -31,6 +31,7 @@ import gguf
 import numpy as np
 
 from ..errors import ImatrixError, ModelLoadError
+from ..fileio import check_file
 from .gguf import MAGIC, field_value, open_gguf
 
 PathLike = Union[str, Path]
@@ -135,10 +136,7 @@ def write_imatrix(path: PathLike, imatrix: Imatrix) -> Path:
 
 def read_imatrix(path: PathLike) -> Imatrix:
     """An imatrix file of either format; any defect raises :class:`ImatrixError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImatrixError(f"{path}: no such imatrix file" if not path.exists()
-                           else f"{path}: is a directory, not an imatrix file")
+    path = check_file(path, ImatrixError, "no such imatrix file", "an imatrix file")
     with open(path, "rb") as handle:
         magic = handle.read(len(MAGIC))
     imatrix = _read_gguf(path) if magic == MAGIC else _read_legacy(path)

@@ -1,7 +1,8 @@
 """Every ``zptr.*`` GGUF metadata key, in one place (as gguf-py's ``Keys`` holds llama.cpp's).
 
 Model files carry :class:`Keys.General`, :class:`Keys.Soul`, :class:`Keys.Source` and
-``Keys.Omega.SIDECAR``; the Omega sidecar file carries the rest of :class:`Keys.Omega`.
+``Keys.Omega.SIDECAR``; the Omega sidecar file carries the rest of :class:`Keys.Omega`. The
+tensor names are :class:`zptr.tensor_names.Tensors` (core: checkpoints use them too).
 """
 
 from __future__ import annotations

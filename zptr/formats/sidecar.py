@@ -15,11 +15,11 @@ from typing import Any, Optional
 
 import gguf
 import numpy as np
-import torch
 
 from ..config import OmegaConfig
 from ..errors import SidecarError, ZptrError
-from ..fileio import atomic_file, sha256_file
+from ..fileio import atomic_file, check_file, sha256_file
+from ..tensor_names import Tensors
 from .gguf import field_value, open_gguf
 from .keys import Keys
 
@@ -47,7 +47,7 @@ class Sidecar:
     @property
     def gate(self) -> float:
         """omega, the logit of the residual gate sigma(omega)."""
-        return float(self.tensors["omega.gate"])
+        return float(self.tensors[Tensors.OMEGA_GATE])
 
 
 def sidecar_path_for(model_path: Path) -> Path:
@@ -65,10 +65,9 @@ def write_sidecar(path: Path, omega_tensors: dict[str, Any], omega: OmegaConfig,
     that will be renamed (a conversion's outputs are committed together).
     """
     path, model_path = Path(path), Path(model_path)
-    if "omega.gate" not in omega_tensors:
-        raise SidecarError("omega tensors lack omega.gate: nothing to write a sidecar for")
-    arrays = {name: np.array(torch.as_tensor(value).detach().float().cpu().numpy(), order="C")
-              for name, value in omega_tensors.items()}
+    if Tensors.OMEGA_GATE not in omega_tensors:
+        raise SidecarError(f"omega tensors lack {Tensors.OMEGA_GATE}: nothing to write a sidecar for")
+    arrays = {name: _float32_array(value) for name, value in omega_tensors.items()}
     for name, value in arrays.items():
         if not np.isfinite(value).all():
             raise SidecarError(f"omega tensor {name} contains NaN or Inf")
@@ -82,7 +81,7 @@ def write_sidecar(path: Path, omega_tensors: dict[str, Any], omega: OmegaConfig,
             writer.add_string(Keys.Omega.ROUTING, omega.routing)
             for name, key in _FLOAT_KEYS.items():
                 writer.add_float32(key, float(getattr(omega, name)))
-            writer.add_float32(Keys.Omega.GATE, float(arrays["omega.gate"]))
+            writer.add_float32(Keys.Omega.GATE, float(arrays[Tensors.OMEGA_GATE]))
             writer.add_string(Keys.Omega.MODEL_FILE, model_name or model_path.name)
             writer.add_string(Keys.Omega.MODEL_SHA256, sha256_file(model_path))
             if scalars:
@@ -95,6 +94,14 @@ def write_sidecar(path: Path, omega_tensors: dict[str, Any], omega: OmegaConfig,
         finally:
             writer.close()
     return path
+
+
+def _float32_array(value: Any) -> np.ndarray:
+    """A C-ordered float32 copy of a torch tensor (any device or dtype) or of an array, without
+    importing torch: the NumPy runtime and ``zptr inspect`` read sidecars and never need it."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.array(value, dtype=np.float32, order="C")
 
 
 def _required(reader, key: str, path: Path, kind: type) -> Any:
@@ -110,10 +117,7 @@ def _required(reader, key: str, path: Path, kind: type) -> Any:
 
 def read_sidecar(path: Path) -> Sidecar:
     """Read and validate a sidecar; any defect raises :class:`SidecarError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise SidecarError(f"{path}: Omega sidecar not found" if not path.exists()
-                           else f"{path}: is a directory, not an Omega sidecar")
+    path = check_file(path, SidecarError, "Omega sidecar not found", "an Omega sidecar")
     try:
         reader = open_gguf(path, "Omega sidecar")
     except ZptrError as err:
@@ -146,7 +150,7 @@ def read_sidecar(path: Path) -> Sidecar:
         data = data.reshape(expected)
         tensors[tensor.name] = data.reshape(()) if tensor.name in scalars else data
     _validate_tensors(tensors, hidden, path)
-    config.gate_init = float(tensors["omega.gate"])
+    config.gate_init = float(tensors[Tensors.OMEGA_GATE])
     return Sidecar(path=path, config=config, hidden_size=hidden, tensors=tensors,
                    model_sha256=_required(reader, Keys.Omega.MODEL_SHA256, path, str),
                    model_file=_required(reader, Keys.Omega.MODEL_FILE, path, str),
@@ -156,18 +160,18 @@ def read_sidecar(path: Path) -> Sidecar:
 def expected_shapes(hidden_size: int) -> dict[str, tuple[int, ...]]:
     """The router tensors the runtime needs and their shapes (cluster count 4)."""
     d = hidden_size
-    return {
-        "omega.gate": (),
-        "omega.phase.weight": (d, d), "omega.phase.bias": (d,),
-        "omega.origin.weight": (d, d), "omega.origin.bias": (d,),
-        "omega.depth.weight": (d, d), "omega.depth.bias": (d,),
-        "omega.boundary.weight": (1, 3 * d), "omega.boundary.bias": (1,),
-        "omega.router_depth.weight": (1, 3 * d), "omega.router_depth.bias": (1,),
-        "omega.router_phase.weight": (1, 3 * d), "omega.router_phase.bias": (1,),
-        "omega.experts_weight": (4, d, d), "omega.experts_bias": (4, d),
-        "omega.resonance_linear.weight": (4, 3 * d), "omega.resonance_linear.bias": (4,),
-        "omega.resonance_sin.weight": (4, 3 * d),
-    }
+    return {Tensors.omega(name): shape for name, shape in {
+        "gate": (),
+        "phase.weight": (d, d), "phase.bias": (d,),
+        "origin.weight": (d, d), "origin.bias": (d,),
+        "depth.weight": (d, d), "depth.bias": (d,),
+        "boundary.weight": (1, 3 * d), "boundary.bias": (1,),
+        "router_depth.weight": (1, 3 * d), "router_depth.bias": (1,),
+        "router_phase.weight": (1, 3 * d), "router_phase.bias": (1,),
+        "experts_weight": (4, d, d), "experts_bias": (4, d),
+        "resonance_linear.weight": (4, 3 * d), "resonance_linear.bias": (4,),
+        "resonance_sin.weight": (4, 3 * d),
+    }.items()}
 
 
 def _validate_tensors(tensors: dict[str, np.ndarray], hidden: int, path: Path) -> None:

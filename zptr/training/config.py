@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..config import ROTATION_KINDS, ROUTING_MODES, AlphaSchedule
+from ..choices import RotationKind, RoutingKind
+from ..config import AlphaSchedule
 from ..dataset import sample_corpus_path
 from ..errors import TrainError
 
@@ -53,10 +54,10 @@ class TrainConfig:
     load_in_4bit: bool = field(default=False, metadata=_help("bitsandbytes NF4 base with double quantisation"))
     gradient_checkpointing: bool = field(default=False, metadata=_help(
         "recompute decoder layers in the backward pass: less activation memory, more compute"))
-    rotation: str = field(default="so8", metadata=_help(
-        "soul rotation: D/8 SO(8) blocks or one dense orthogonal matrix", choices=ROTATION_KINDS))
-    routing: str = field(default="threshold", metadata=_help(
-        "Omega router: hard thresholds or soft resonance weights", choices=ROUTING_MODES))
+    rotation: str = field(default=RotationKind.SO8.value, metadata=_help(
+        "soul rotation: D/8 SO(8) blocks or one dense orthogonal matrix", choices=RotationKind.values()))
+    routing: str = field(default=RoutingKind.THRESHOLD.value, metadata=_help(
+        "Omega router: hard thresholds or soft resonance weights", choices=RoutingKind.values()))
     lora_r: int = field(default=16, metadata=_help("LoRA rank"))
     lora_alpha: int = field(default=32, metadata=_help("LoRA scale numerator"))
     lora_dropout: float = field(default=0.05, metadata=_help("LoRA dropout"))
@@ -88,10 +89,10 @@ class TrainConfig:
             raise TrainError(f"--seed must lie in 0..{MAX_SEED}, got {self.seed}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise TrainError(f"--save-total-limit must be at least 1, got {self.save_total_limit}")
-        if self.rotation not in ROTATION_KINDS:
-            raise TrainError(f"--rotation must be one of {', '.join(ROTATION_KINDS)}, got {self.rotation!r}")
-        if self.routing not in ROUTING_MODES:
-            raise TrainError(f"--routing must be one of {', '.join(ROUTING_MODES)}, got {self.routing!r}")
+        if self.rotation not in RotationKind.values():
+            raise TrainError(f"--rotation must be one of {', '.join(RotationKind.values())}, got {self.rotation!r}")
+        if self.routing not in RoutingKind.values():
+            raise TrainError(f"--routing must be one of {', '.join(RoutingKind.values())}, got {self.routing!r}")
 
     @property
     def data_path(self) -> Path:

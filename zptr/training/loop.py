@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from ..checkpoint import Checkpoint, load_checkpoint, load_head_tensors, save_checkpoint
+from ..checkpoint import ADAPTER_WEIGHTS, Checkpoint, load_checkpoint, load_head_tensors, save_checkpoint
 from ..config import CLUSTERS, AlphaSchedule, phase_status, sigmoid
 from ..dataset import (IGNORE_INDEX, TokenizedExample, collate, fingerprint, global_batch_indices,
                        read_jsonl, tokenize)
@@ -159,7 +159,7 @@ def _load_resumed_weights(model: ZptrModel, checkpoint: Checkpoint) -> None:
     from peft import set_peft_model_state_dict
 
     load_head_tensors(model.head, checkpoint.tensors)
-    adapter_file = checkpoint.path / "adapter_model.safetensors"
+    adapter_file = checkpoint.path / ADAPTER_WEIGHTS
     try:
         adapter = load_file(str(adapter_file))
     except Exception as err:  # safetensors raises several types on corrupt headers

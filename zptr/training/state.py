@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import TrainError, ZptrError
+from ..errors import TrainError, ZptrError, error_summary
 from ..jsonio import JsonObject, read_json
 from .config import RUN_SETTINGS, TrainConfig
 
@@ -113,7 +113,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises several types on corrupt headers
-        raise TrainError(f"{path}: unreadable safetensors file ({str(err).splitlines()[0]})") from None
+        raise TrainError(f"{path}: unreadable safetensors file ({error_summary(err)})") from None
 
 
 def read_trainer_state(checkpoint: Path) -> ResumeState:

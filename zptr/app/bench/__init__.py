@@ -18,10 +18,11 @@ import argparse
 from pathlib import Path
 from typing import Callable, Sequence
 
+from zptr.choices import BENCH_MODES
 from zptr.errors import ZptrError
 
 from ..args import add_threads, threads
-from .paths import OMEGA_MODES, PATHS
+from .paths import PATHS
 from .run import BenchConfig, ensure_checkpoint, ensure_ggufs, run_bench
 
 __all__ = ["BenchConfig", "run_bench", "add_arguments", "main"]
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads(parser)
     parser.add_argument("--paths", type=_csv_list(tuple(PATHS)), default=None,
                         help=f"comma list of {', '.join(PATHS)} (default: all; nf4 needs CUDA)")
-    parser.add_argument("--omega", type=_csv_list(OMEGA_MODES), default=list(OMEGA_MODES),
+    parser.add_argument("--omega", type=_csv_list(BENCH_MODES), default=list(BENCH_MODES),
                         help="comma list of Omega modes: off, fast, exact (default: all)")
     parser.add_argument("--text-file", type=Path, default=None,
                         help="fixed text for the quality columns (default: the bundled mixed text)")

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-OMEGA_MODES = ("off", "fast", "exact")
+from zptr.choices import BENCH_MODES, OmegaMode
 
 
 @dataclass(frozen=True)
@@ -20,13 +20,14 @@ class PathSpec:
 
 
 # The PyTorch head computes the full-vocabulary product: its Omega-on mode is "exact".
+TORCH_MODES = (OmegaMode.OFF.value, OmegaMode.EXACT.value)
 PATHS: dict[str, PathSpec] = {
-    "torch-f32": PathSpec("torch", "float32", ("off", "exact")),
-    "torch-bf16": PathSpec("torch", "bfloat16", ("off", "exact")),
-    "torch-nf4": PathSpec("torch", "nf4", ("off", "exact"), needs_cuda=True),
-    "llama-f16": PathSpec("llama", "f16", OMEGA_MODES),
-    "llama-q8_0": PathSpec("llama", "q8_0", OMEGA_MODES),
-    "llama-q4_k_m": PathSpec("llama", "q4_k_m", OMEGA_MODES),
+    "torch-f32": PathSpec("torch", "float32", TORCH_MODES),
+    "torch-bf16": PathSpec("torch", "bfloat16", TORCH_MODES),
+    "torch-nf4": PathSpec("torch", "nf4", TORCH_MODES, needs_cuda=True),
+    "llama-f16": PathSpec("llama", "f16", BENCH_MODES),
+    "llama-q8_0": PathSpec("llama", "q8_0", BENCH_MODES),
+    "llama-q4_k_m": PathSpec("llama", "q4_k_m", BENCH_MODES),
 }
 REFERENCE_PATH = "torch-f32"  # every quality column is against its logits in the same mode
 

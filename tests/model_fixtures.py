@@ -1,27 +1,26 @@
-"""Test models and references, built offline from the registry: tiny random models of every
-family with a tokenizer of the family's kind, checkpoints whose every part matters, and the
-independent PyTorch references the converter and runtime are compared with.
+"""Test models and references, built offline: tiny random models of every registry family with a
+tokenizer of the family's kind, checkpoints whose every part matters, and the independent
+PyTorch references the converter and runtime are compared with.
 
-Used by the test suite and the benchmarks (it ships with the package, as transformers ships
-``testing_utils``). Nothing here downloads anything.
+The test suite and the benchmarks use these (nothing here ships in the package). Nothing here
+downloads anything.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from .checkpoint import build_head, load_checkpoint, save_checkpoint
-from .config import GOLDEN_RATIO, ZptrConfig
-from .dataset import mixed_text_path
-from .families import FAMILIES, SPLIT_RULES, family_of
-from .model import ZptrModel
+from zptr.checkpoint import build_head, load_checkpoint, save_checkpoint
+from zptr.config import GOLDEN_RATIO, ZptrConfig
+from zptr.dataset import mixed_text_path
+from zptr.families import FAMILIES, family_of
+from zptr.model import ZptrModel
+from zptr.trained_tokenizers import build_tokenizer
 
 MIXED_TEXT = mixed_text_path().read_text(encoding="utf-8")
 ARCHITECTURES = tuple(FAMILIES)
@@ -36,136 +35,48 @@ SAMPLE_PROMPTS = [
     "The theory of relativity", "My favourite colour is", "Q: What is 2+2?\nA:",
 ]
 
-
-# ------------------------------------------------------------------------------ tokenizers
-
-
-@dataclass(frozen=True)
-class ChatMarkup:
-    """The special tokens and chat template a fixture tokenizer carries (as its family's
-    releases do), with the token that ends a turn."""
-
-    bos: Optional[str]
-    eos: str
-    end_of_turn: str
-    specials: tuple[str, ...]
-    template: str
-
-
-_LLAMA3 = ChatMarkup(
-    "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
-    ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-_CHATML = ChatMarkup(
-    None, "<|endoftext|>", "<|im_end|>", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-_PHI = ChatMarkup(
-    None, "<|endoftext|>", "<|end|>", ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-_GEMMA = ChatMarkup(
-    "<s>", "</s>", "<end_of_turn>", ("<start_of_turn>", "<end_of_turn>"),
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
-    "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-_MISTRAL = ChatMarkup(
-    "<s>", "</s>", "</s>", ("[INST]", "[/INST]"),
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
-    "[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
-
-# Tokenizer kind (a registry entry's ``tiny_tokenizer``) -> the chat markup its fixture carries.
-CHAT_MARKUP: dict[str, ChatMarkup] = {
-    "sentencepiece": _GEMMA, "sentencepiece-json": _MISTRAL, "bpe:llama-bpe": _LLAMA3,
-    "bpe:qwen2": _CHATML, "bpe:gpt-4o": _PHI, "bpe:smollm": _CHATML, "bpe:gpt-2": _CHATML,
-    "bpe:tekken": _MISTRAL,
-}
-
-
-def _lines() -> list[str]:
-    return [line for line in MIXED_TEXT.splitlines() if line.strip()] * 4
-
-
-def _sentencepiece(directory: Path, vocab_size: int, dummy_prefix: bool) -> None:
-    """A byte-fallback SentencePiece BPE model trained on the mixed text: ``tokenizer.model``.
-    ``dummy_prefix``: a ``▁`` before the text, as Llama 2 and Mistral have; Gemma has none."""
-    import sentencepiece as spm
-
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_lines()), model_prefix=str(directory / "sp"), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, add_dummy_prefix=dummy_prefix, minloglevel=2)
-    (directory / "sp.model").rename(directory / "tokenizer.model")
-    (directory / "sp.vocab").unlink()
-    # transformers' Gemma tokenizer honours a model without the dummy prefix; its Llama one adds it
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer" if dummy_prefix else "GemmaTokenizer", "bos_token": "<s>",
-         "eos_token": "</s>", "unk_token": "<unk>"}))
-
-
-def _byte_level_bpe(directory: Path, pre: str, markup: ChatMarkup, vocab_size: int) -> None:
-    """A byte-level BPE trained on the mixed text with llama.cpp's pre-tokenizer ``pre``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre == "gpt-2")
-    if pre in SPLIT_RULES:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(SPLIT_RULES[pre]), behavior="isolated"), byte_level])
-    elif pre == "smollm":
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    else:
-        tokenizer.pre_tokenizer = byte_level
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(markup.specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator(_lines(), trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=markup.bos,
-                                      eos_token=markup.eos, pad_token=markup.eos)
-    wrapped.save_pretrained(str(directory))
-
-
-def build_tokenizer(kind: str, directory: Path, vocab_size: int = 480):
-    """A tokenizer of ``kind`` (see :data:`CHAT_MARKUP`) saved in ``directory``, with its chat
-    template and special tokens; returns it loaded back through transformers."""
-    from transformers import AutoTokenizer
-
-    if kind not in CHAT_MARKUP:
-        raise ValueError(f"no tokenizer fixture for {kind!r}; have {', '.join(CHAT_MARKUP)}")
-    markup = CHAT_MARKUP[kind]
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if kind.startswith("bpe:"):
-        _byte_level_bpe(directory, kind.split(":", 1)[1], markup, vocab_size + 120)
-    else:
-        _sentencepiece(directory, vocab_size, dummy_prefix=kind == "sentencepiece-json")
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    if not kind.startswith("bpe:"):  # SentencePiece: the chat markup comes as added tokens
-        tokenizer.add_special_tokens({"additional_special_tokens": list(markup.specials)})
-    tokenizer.chat_template = markup.template
-    tokenizer.save_pretrained(str(directory))
-    if kind == "sentencepiece-json":  # what a fast tokenizer alone saves: tokenizer.json only
-        (directory / "tokenizer.model").unlink(missing_ok=True)
-        spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
-        if not (spec["model"]["type"] == "BPE" and spec["model"].get("byte_fallback")):
-            raise RuntimeError("transformers did not save a SentencePiece-style BPE tokenizer.json")
-    return AutoTokenizer.from_pretrained(str(directory))
-
-
 # ------------------------------------------------------------------------------ tiny models
+
+# The tiny random model of each registry family: HF config overrides of the family's defaults,
+# and the kind of tokenizer (zptr.trained_tokenizers) its releases have.
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+               pad_token_id=0)
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(_COMMON, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                  # Llama 3.x: per-frequency factors (llama.cpp's rope_freqs tensor)
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 256}),
+    # head_dim apart from hidden_size / heads, as in Mistral Nemo
+    "mistral": dict(_COMMON, head_dim=32, sliding_window=None, tie_word_embeddings=False,
+                    rms_norm_eps=1e-5, rope_theta=1000000.0),
+    "qwen2": dict(_COMMON, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "qwen3": dict(_COMMON, head_dim=32, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    # Phi-4-mini: LongRoPE on 3/4 of each head, tied embeddings
+    "phi3": dict(_COMMON, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                 partial_rotary_factor=0.75, original_max_position_embeddings=256,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                  "partial_rotary_factor": 0.75,
+                                  "original_max_position_embeddings": 256,
+                                  "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                                  "long_factor": [1.5 + 0.5 * i for i in range(6)]}),
+    "gemma3_text": dict(_COMMON, tie_word_embeddings=True, rms_norm_eps=1e-6, head_dim=16,
+                        sliding_window=64, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "full_attention"]),
+}
+TINY_TOKENIZERS: dict[str, str] = {
+    "llama": "bpe:llama-bpe", "mistral": "sentencepiece-json", "qwen2": "bpe:qwen2", "qwen3": "bpe:qwen2",
+    "phi3": "bpe:gpt-4o", "gemma3_text": "sentencepiece",
+}
 
 
 def tiny_config(family: str, vocab_size: int = 512, **overrides):
     from transformers import AutoConfig
 
-    entry = FAMILIES[family]
-    kwargs = dict(entry.tiny, vocab_size=vocab_size, **overrides)
-    return AutoConfig.for_model(entry.model_types[0], **kwargs)
+    kwargs = dict(TINY_CONFIGS[family], vocab_size=vocab_size, **overrides)
+    return AutoConfig.for_model(FAMILIES[family].model_types[0], **kwargs)
 
 
 def tiny_model(family: str, vocab_size: int = 512, seed: int = 0, **overrides):
@@ -204,7 +115,7 @@ def save_tiny_model(family: str, directory: Path, tokenizer=None, vocab_size: Op
 def save_family_fixture(family: str, directory: Path, seed: int = 0, **overrides) -> Path:
     """A tiny model of ``family`` with a tokenizer of the family's kind: a complete HF directory."""
     directory = Path(directory)
-    tokenizer = build_tokenizer(FAMILIES[family].tiny_tokenizer, directory / "tokenizer")
+    tokenizer = build_tokenizer(TINY_TOKENIZERS[family], directory / "tokenizer")
     return save_tiny_model(family, directory / "model", tokenizer=tokenizer, seed=seed, **overrides)
 
 

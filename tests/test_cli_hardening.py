@@ -455,12 +455,14 @@ def test_a_sigkilled_conversion_is_cleaned_up_by_the_next(world, tmp_path):
 def test_the_server_answers_400_to_an_out_of_range_seed(world):
     from fastapi.testclient import TestClient
 
+    from zptr.app.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S
     from zptr.app.server import create_app
     from zptr.runtime.engine import ZptrLlama
 
     llm = ZptrLlama(world["model"], omega="off", n_ctx=128, n_threads=1, n_threads_batch=1)
+    app = create_app(llm, model_name="m", max_body_bytes=DEFAULT_MAX_BODY_BYTES, timeout=DEFAULT_TIMEOUT_S)
     try:
-        with TestClient(create_app(llm, model_name="m")) as http:
+        with TestClient(app, base_url="http://localhost") as http:
             for seed in (2**64, -1):
                 answer = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "seed": seed})
                 assert answer.status_code == 400, answer.text

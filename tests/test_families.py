@@ -287,6 +287,8 @@ def test_unknown_and_multimodal_families_refused(workdir, capsys):
         convert_model(workdir / "type-gpt2", workdir / "y.gguf", "f32")
 
 
+# PEFT says that it saves the resized embedding: the case this test builds on purpose.
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")
 def test_tokens_added_during_fine_tuning_with_modules_to_save(workdir):
     """The usual PEFT recipe for new tokens: add them, resize the embeddings, train LoRA with
     modules_to_save=[embed_tokens, lm_head], save the tokenizer with the adapter. The converter

@@ -1,7 +1,8 @@
 """The HTTP application of ``zptr serve``: OpenAI's chat and completion endpoints on one
 :class:`~zptr.runtime.engine.ZptrLlama`, Omega routes on every generated token, a chat page.
 
-    app = create_app(ZptrLlama("model.gguf"), model_name="model", api_key=None, queue_size=16)
+    app = create_app(ZptrLlama("model.gguf"), model_name="model", api_key=None, queue_size=16,
+                     max_body_bytes=2 << 20, timeout=20.0)
 
 One model, ``n_parallel`` requests decoding together (continuous batching, as llama-server's
 slots). The engine is not thread-safe, so every request becomes a :class:`Job` for the single
@@ -59,7 +60,6 @@ from ..errors import ConfigError, OmegaModeError, ZptrError, error_summary
 from ..runtime.engine import ZptrLlama
 from ..runtime.engine import Request as EngineRequest
 from ..runtime.sampling import SamplingSettings
-from .serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S
 
 log = logging.getLogger("zptr.serve")
 
@@ -735,11 +735,11 @@ LOOPBACK_ONLY = HostCheck("127.0.0.1")  # create_app's default: a server bound t
 
 def create_app(engine: ZptrLlama, *, model_name: str, api_key: Optional[str] = None,
                queue_size: int = 16, hosts: Optional[HostCheck] = LOOPBACK_ONLY,
-               cors: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               timeout: float = DEFAULT_TIMEOUT_S) -> FastAPI:
+               cors: Sequence[str] = (), max_body_bytes: int, timeout: float) -> FastAPI:
     """The server's application around a loaded engine (the model thread starts with it): the
     engine's ``n_parallel`` slots decode together, ``queue_size`` more requests may wait; what
-    requests it answers at all is :class:`Guard`'s (``hosts`` None: any ``Host``).
+    requests it answers at all is :class:`Guard`'s (``hosts`` None: any ``Host``; a body over
+    ``max_body_bytes`` is refused, headers and body each get ``timeout`` seconds).
 
     ``app.state.stop_generations()`` ends every generation with its final event: a server that
     waits for open responses before the lifespan's shutdown (uvicorn) calls it first."""

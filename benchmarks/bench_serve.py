@@ -77,11 +77,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def zptr_server(model: Path, slots: int, omega: str, threads: int) -> Server:
+def zptr_server(model: Path, slots: int, omega: str, threads: int, cache_prompt: bool) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "zptr", "serve", str(model), "--port", str(port), "-t", str(threads),
-            "-np", str(slots), "--queue", "64"]
-    return Server(f"zptr serve -np {slots}, Omega {omega}", argv, f"http://127.0.0.1:{port}",
+            "-np", str(slots), "--queue", "64", *(["--cache-prompt"] if cache_prompt else [])]
+    cached = ", cache-prompt" if cache_prompt else ""
+    return Server(f"zptr serve -np {slots}, Omega {omega}{cached}", argv, f"http://127.0.0.1:{port}",
                   {"omega": omega})
 
 
@@ -149,6 +150,8 @@ def main() -> int:
     parser.add_argument("--clients", default="1,4", help="client counts (default 1,4)")
     parser.add_argument("--slots", default="1,4", help="zptr serve -np values (default 1,4)")
     parser.add_argument("--omega", default="off,fast", help="Omega modes (default off,fast)")
+    parser.add_argument("--cache-prompt", action="store_true",
+                        help="zptr serve --cache-prompt (llama-server reuses a repeated prompt's cache by default)")
     parser.add_argument("--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -156,7 +159,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else bundled_with_sidecar(Path(tmp))
         bias = end_tokens(model)
-        servers = [zptr_server(model, int(slots), omega, args.threads)
+        servers = [zptr_server(model, int(slots), omega, args.threads, args.cache_prompt)
                    for slots in args.slots.split(",") for omega in args.omega.split(",")]
         if args.llama_server:
             servers.append(llama_server(args.llama_server, model, max(int(s) for s in args.slots.split(",")),

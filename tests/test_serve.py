@@ -780,3 +780,27 @@ def test_chat_page_streams_route_coloured_tokens(browser, server):
     origins = browser.execute_script(
         "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
     assert set(origins) <= {server}
+
+
+def test_chat_page_shows_japanese_as_the_api_answers_it(browser, server, client):
+    """The page assembles streamed pieces into the same text as the API's plain answer: no
+    character split over tokens is lost."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    prompt = "日本語で答えてください。東京は"
+    expected = chat(client, prompt, 24, omega="off")[0]
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    wait.until(lambda d: "omega" in d.find_element(By.ID, "model").text)
+    max_tokens = browser.find_element(By.ID, "max-tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("24")
+    Select(browser.find_element(By.ID, "omega")).select_by_value("off")
+    browser.find_element(By.ID, "prompt").send_keys(prompt)
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta"))
+    shown = browser.execute_script("return Array.from(document.querySelectorAll('.msg.assistant .token'))"
+                                   ".map(t => t.textContent).join('')")
+    assert any(ord(ch) > 0x2E80 for ch in expected)
+    assert shown == expected

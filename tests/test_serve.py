@@ -732,17 +732,25 @@ def browser(tmp_path):
     driver.quit()
 
 
-def test_chat_page_streams_route_coloured_tokens(browser, server):
+def open_page(browser, server: str, max_tokens: int, omega: str):
+    """The chat page loaded, its token limit and Omega mode set; a waiter for what follows."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     browser.get(server + "/")
     wait = WebDriverWait(browser, 60, poll_frequency=0.05)
     wait.until(lambda d: "omega fast" in d.find_element(By.ID, "model").text)
-    max_tokens = browser.find_element(By.ID, "max-tokens")
-    max_tokens.clear()
-    max_tokens.send_keys("24")
-    Select(browser.find_element(By.ID, "omega")).select_by_value("exact")
+    field = browser.find_element(By.ID, "max-tokens")
+    field.clear()
+    field.send_keys(str(max_tokens))
+    Select(browser.find_element(By.ID, "omega")).select_by_value(omega)
+    return wait
+
+
+def test_chat_page_streams_route_coloured_tokens(browser, server):
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, server, 24, "exact")
     browser.find_element(By.ID, "origin").send_keys("I write about the sea.")
     browser.find_element(By.ID, "prompt").send_keys("Write a haiku about the sea.")
     browser.execute_script("""
@@ -786,17 +794,10 @@ def test_chat_page_shows_japanese_as_the_api_answers_it(browser, server, client)
     """The page assembles streamed pieces into the same text as the API's plain answer: no
     character split over tokens is lost."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     prompt = "日本語で答えてください。東京は"
     expected = chat(client, prompt, 24, omega="off")[0]
-    browser.get(server + "/")
-    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
-    wait.until(lambda d: "omega" in d.find_element(By.ID, "model").text)
-    max_tokens = browser.find_element(By.ID, "max-tokens")
-    max_tokens.clear()
-    max_tokens.send_keys("24")
-    Select(browser.find_element(By.ID, "omega")).select_by_value("off")
+    wait = open_page(browser, server, 24, "off")
     browser.find_element(By.ID, "prompt").send_keys(prompt)
     browser.find_element(By.ID, "send").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta"))

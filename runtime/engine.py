@@ -335,6 +335,8 @@ class ZptrLlama:
         return self.batcher.mean_hidden(tokens, self._free_slot("read an origin text"))
 
     def _free_slot(self, purpose: str) -> int:
+        """A slot no request holds, the context handed to the batcher (``purpose`` names what it
+        is for in the refusal when every slot is busy)."""
         self._use("batch")
         free = [seq for seq, holder in enumerate(self.batcher.slots) if holder is None]
         if not free:

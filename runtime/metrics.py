@@ -29,7 +29,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def kl_per_position(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     """KL(reference || candidate) of every position's distribution, float64."""
-    ref, got = log_softmax(reference), log_softmax(candidate)
+    return _kl(log_softmax(reference), log_softmax(candidate))
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL per position from the two sides' log-probabilities."""
     return (np.exp(ref) * (ref - got)).sum(-1)
 
 
@@ -82,8 +86,7 @@ def score(logits: np.ndarray, targets: Sequence[int], base: Optional[np.ndarray]
         return Scores(nll)
     ref = log_softmax(base)
     nll_base = _nll(ref, targets)
-    kld = (np.exp(ref) * (ref - got)).sum(-1)
-    return Scores(nll, nll_base, kld, np.argmax(base, -1) == np.argmax(logits, -1),
+    return Scores(nll, nll_base, _kl(ref, got), np.argmax(base, -1) == np.argmax(logits, -1),
                   np.exp(-nll) - np.exp(-nll_base))
 
 
